@@ -1,0 +1,1 @@
+"""dpvl: differentially private pretraining of vision and vision-language models in JAX."""

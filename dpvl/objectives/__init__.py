@@ -1,0 +1,45 @@
+"""Objectives: each defines a model, a per-example loss and the host-side example preparation.
+
+An objective knows nothing about privacy: the engine in `dpvl.privacy` clips, sums and noises
+whatever per-example loss the objective returns.
+"""
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping
+
+import jax
+
+REGISTRY = {
+    "dpcap": "dpvl.objectives.dpcap",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What the engine needs from an objective.
+
+  Attributes:
+    name: registry name.
+    init: rng -> params (a pytree of arrays).
+    per_example_loss: (params, example, rng) -> scalar loss of ONE example (no batch axis).
+    prepare: host-side record (dict from a data source) -> example (dict of numpy arrays).
+    example_spec: name -> jax.ShapeDtypeStruct of one prepared example.
+    model: the Flax module, for evaluation hooks.
+  """
+
+  name: str
+  init: Callable[[jax.Array], Any]
+  per_example_loss: Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array]
+  prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+  example_spec: Mapping[str, jax.ShapeDtypeStruct]
+  model: Any = None
+
+
+def build_objective(config) -> Objective:
+  """Builds the objective named by `config.objective`."""
+  name = config.objective
+  if name not in REGISTRY:
+    raise ValueError(
+        f"config.objective={name!r} is unknown; choose one of {sorted(REGISTRY)}.")
+  return importlib.import_module(REGISTRY[name]).build(config)

@@ -1,0 +1,190 @@
+"""Privacy accounting for DP-SGD with (truncated) Poisson sampling, on top of dp-accounting.
+
+The mechanism dpvl runs at every step: each of the N records joins the batch independently with
+probability q; if more than `capacity` records join, a uniformly random subset of `capacity` of
+them is kept (the padded batch shape is fixed); every kept record's gradient is clipped to L2
+norm C, the clipped gradients are summed, and N(0, (sigma C)^2 I) is added once. Neighbouring
+datasets differ by adding or removing one record.
+
+Both accountants (PLD, the default, and RDP, the cross-check) account the untruncated Poisson
+subsampled Gaussian M and pay for the truncation with delta: if the run truncates any batch with
+probability at most p (over all steps, for any dataset of at most N + 1 records), the truncated
+mechanism M' is within total variation p of M on every dataset, so for every event S
+  P[M'(D) in S] <= P[M(D) in S] + p <= e^eps P[M(D') in S] + delta_M + p
+                <= e^eps P[M'(D') in S] + delta_M + (1 + e^eps) p,
+i.e. an (eps, delta_M) guarantee of M gives M' the guarantee (eps, delta_M + (1 + e^eps) p).
+The reported epsilon is that of M at delta_M = delta - (1 + e^eps) p: a guarantee at exactly
+the configured delta for what actually runs. The plan sizes the capacity so that p is
+negligible (at most `truncation_tolerance * delta / (1 + e^eps)`), where this costs nothing
+visible. (dp-accounting's `TruncatedSubsampledGaussianDpEvent` accounts M' exactly, but is
+orders of magnitude slower at these sizes.)
+"""
+
+import dataclasses
+import math
+from typing import Sequence
+
+import dp_accounting
+from dp_accounting import pld
+from dp_accounting import rdp
+from scipy import stats
+
+ACCOUNTANTS = ("pld", "rdp")
+
+# Search range for the noise multiplier during calibration.
+_MIN_SIGMA, _MAX_SIGMA = 0.05, 500.0
+
+
+def truncation_probability(dataset_size: int, sampling_rate: float, capacity: int,
+                           steps: int) -> float:
+  """Upper bound on P(some step's Poisson batch exceeds `capacity`) over `steps` steps.
+
+  Uses N + 1 records, the larger of two add/remove-neighbouring datasets.
+  """
+  if steps == 0:
+    return 0.0
+  per_step = float(stats.binom.sf(capacity, dataset_size + 1, sampling_rate))
+  return min(1.0, steps * per_step)
+
+
+def min_capacity(dataset_size: int, sampling_rate: float, steps: int,
+                 max_probability: float) -> int:
+  """Smallest capacity whose `truncation_probability` is at most `max_probability`."""
+  lo = int(math.floor(dataset_size * sampling_rate))  # too small (unless q is 0 or 1)
+  hi = dataset_size + 1                               # never truncates
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if truncation_probability(dataset_size, sampling_rate, mid, steps) <= max_probability:
+      hi = mid
+    else:
+      lo = mid
+  return hi
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """`steps` DP-SGD steps run with one set of privacy parameters.
+
+  A run is a list of segments: one, unless a resume was forced to change the plan.
+  `capacity=None` means untruncated Poisson sampling.
+  """
+
+  dataset_size: int
+  sampling_rate: float
+  noise_multiplier: float
+  steps: int
+  capacity: int | None = None
+
+  def replace(self, **changes) -> "Segment":
+    return dataclasses.replace(self, **changes)
+
+
+def dp_event(segments: Sequence[Segment]) -> dp_accounting.DpEvent:
+  """The DP event of a run without truncation (the mechanism M of the module docstring)."""
+  return dp_accounting.ComposedDpEvent([
+      dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+          s.sampling_rate, dp_accounting.GaussianDpEvent(s.noise_multiplier)), s.steps)
+      for s in segments if s.steps > 0])
+
+
+def run_truncation_probability(segments: Sequence[Segment]) -> float:
+  """Upper bound on P(the run truncates any batch), by the union bound over steps."""
+  return min(1.0, sum(
+      truncation_probability(s.dataset_size, s.sampling_rate, s.capacity, s.steps)
+      for s in segments if s.capacity is not None))
+
+
+_ACCOUNTANT_FACTORIES = {"pld": pld.PLDAccountant, "rdp": rdp.RdpAccountant}
+
+
+def epsilon(accountant: str, segments: Sequence[Segment], delta: float) -> float:
+  """Epsilon of the run by the named accountant ("pld" or "rdp"), truncation paid in delta."""
+  if accountant not in _ACCOUNTANT_FACTORIES:
+    raise ValueError(
+        f"privacy.accountant={accountant!r} is unknown; choose one of {ACCOUNTANTS}.")
+  if not any(s.steps for s in segments):
+    return 0.0
+  composed = _ACCOUNTANT_FACTORIES[accountant]().compose(dp_event(segments))
+  eps_m = lambda delta_m: float(composed.get_epsilon(delta_m))
+  p = run_truncation_probability(segments)
+  eps = eps_m(delta)
+  if p == 0.0:
+    return eps
+  for _ in range(20):  # fixed point of eps = eps_M(delta - (1 + e^eps) p); p is tiny
+    delta_m = delta - (1.0 + math.exp(min(eps, 700.0))) * p
+    if delta_m <= 0:
+      return math.inf
+    new_eps = eps_m(delta_m)
+    if new_eps <= eps:
+      # M is (new_eps, delta_m)-DP, so M' is (new_eps, delta_m + (1 + e^new_eps) p), and
+      # that delta is at most delta because new_eps <= eps.
+      return new_eps
+    eps = new_eps
+  return math.inf
+
+
+def epsilon_pld(segments: Sequence[Segment], delta: float) -> float:
+  """Epsilon by privacy loss distributions (tight)."""
+  return epsilon("pld", segments, delta)
+
+
+def epsilon_rdp(segments: Sequence[Segment], delta: float) -> float:
+  """Epsilon by Renyi DP (looser; the cross-check)."""
+  return epsilon("rdp", segments, delta)
+
+
+def calibrate_noise_multiplier(accountant: str, segment: Segment, *, target_epsilon: float,
+                               delta: float, tol: float = 1e-3) -> float:
+  """Smallest noise multiplier (to `tol`, rounded up) at which `segment` spends at most
+  `target_epsilon`; the segment's own noise multiplier is ignored.
+
+  Raises ValueError when the target is out of reach in the segment's steps.
+  """
+  def eps_at(sigma):
+    return epsilon(accountant, [segment.replace(noise_multiplier=sigma)], delta)
+
+  if eps_at(_MAX_SIGMA) > target_epsilon:
+    raise ValueError(
+        f"privacy.target_epsilon={target_epsilon} is unreachable in {segment.steps} steps at "
+        f"sampling rate {segment.sampling_rate:.3g} and delta {delta:.3g}: even noise "
+        f"multiplier {_MAX_SIGMA} spends more; lower the steps or the batch size, or raise "
+        "the target.")
+  # Bracket: RDP's sigma is cheap to find and is an upper bound on PLD's (PLD is tighter);
+  # slow accountants are only evaluated near the answer.
+  hi = _MAX_SIGMA
+  if accountant != "rdp":
+    sigma_rdp = calibrate_noise_multiplier("rdp", segment, target_epsilon=target_epsilon,
+                                           delta=delta, tol=tol)
+    if eps_at(sigma_rdp) <= target_epsilon:
+      hi = sigma_rdp
+  lo = max(_MIN_SIGMA, hi / 1.25) if hi < _MAX_SIGMA else _MIN_SIGMA
+  while lo > _MIN_SIGMA and eps_at(lo) <= target_epsilon:
+    hi, lo = lo, max(_MIN_SIGMA, lo / 1.25)
+  if lo == _MIN_SIGMA and eps_at(lo) <= target_epsilon:
+    return lo
+  while hi - lo > tol:  # invariant: eps_at(lo) > target >= eps_at(hi)
+    mid = math.sqrt(lo * hi) if hi / lo > 2 else (lo + hi) / 2
+    if eps_at(mid) <= target_epsilon:
+      hi = mid
+    else:
+      lo = mid
+  return hi
+
+
+def max_steps_within(accountant: str, done: Sequence[Segment], segment: Segment, *,
+                     target_epsilon: float, delta: float) -> int:
+  """Largest k <= segment.steps such that `done` plus k steps of `segment` spend at most
+  `target_epsilon`."""
+  def eps_after(k):
+    return epsilon(accountant, [*done, segment.replace(steps=k)], delta)
+
+  if eps_after(segment.steps) <= target_epsilon:
+    return segment.steps
+  lo, hi = 0, segment.steps  # eps_after(lo) <= target < eps_after(hi), or lo == 0
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if eps_after(mid) <= target_epsilon:
+      lo = mid
+    else:
+      hi = mid
+  return lo

@@ -1,0 +1,108 @@
+"""Per-example clipped gradient sums, accumulated over micro-batches.
+
+`clipped_grad_sum` is the reference strategy: per-example gradients by `jax.vmap(jax.grad)`,
+each scaled to L2 norm at most C, summed in float32 over a `lax.scan` of micro-batches. A padded
+example (mask False) and an example whose gradient is not finite contribute exactly zero:
+its gradient is replaced by zeros with `jnp.where`, never multiplied by zero (0 * nan = nan).
+
+`grad_sum` is the non-private counterpart (no per-example gradients, no clipping) with the same
+inputs and outputs, for baselines.
+
+A loss function here is `loss_fn(params, example, rng) -> scalar` on one example (no batch axis).
+Batches are pytrees with leading axes [num_microbatches, microbatch_size, ...]; `mask` and `rngs`
+have the same two leading axes.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+LossFn = Callable[[Any, Any, jax.Array], jax.Array]
+
+
+def global_norms(tree) -> jax.Array:
+  """L2 norm over all leaves, per example (leaves have a leading example axis)."""
+  squares = [jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+             for x in jax.tree.leaves(tree)]
+  return jnp.sqrt(sum(squares))
+
+
+def clip(per_example_grads, mask: jax.Array, clip_norm: float):
+  """g_i * min(1, C / ||g_i||) for valid, finite examples; exactly zero for the others.
+
+  Returns (clipped per-example grads in float32, stats): `norms` before clipping (0 on padding),
+  `kept` (valid and finite), `nonfinite` (valid examples dropped because their gradient is not
+  finite).
+  """
+  norms = global_norms(per_example_grads)
+  finite = jnp.isfinite(norms)
+  keep = mask & finite
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+
+  def clip_leaf(g):
+    g = g.astype(jnp.float32)
+    expand = (slice(None),) + (None,) * (g.ndim - 1)
+    return jnp.where(keep[expand], g * scale[expand], 0.0)
+
+  stats = dict(norms=jnp.where(mask, norms, 0.0), kept=keep,
+               nonfinite=jnp.sum(mask & ~finite))
+  return jax.tree.map(clip_leaf, per_example_grads), stats
+
+
+def _zeros_f32(params):
+  return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+
+def _scan_microbatches(micro_fn, params, batch, mask, rngs):
+  """Sums `micro_fn(params, micro, mask, rngs) -> (grad_sum, stats)` over the leading axis."""
+
+  def body(acc, xs):
+    micro, m, r = xs
+    g, stats = micro_fn(params, micro, m, r)
+    acc_g, acc_loss, acc_nonfinite = acc
+    acc_g = jax.tree.map(jnp.add, acc_g, g)
+    return (acc_g, acc_loss + stats["loss_sum"], acc_nonfinite + stats["nonfinite"]), stats["norms"]
+
+  init = (_zeros_f32(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  (g, loss_sum, nonfinite), norms = jax.lax.scan(body, init, (batch, mask, rngs))
+  return g, dict(loss_sum=loss_sum, nonfinite=nonfinite, norms=norms)
+
+
+def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: float):
+  """Sum of per-example gradients clipped to `clip_norm`, over all micro-batches.
+
+  Returns (grad_sum in float32, stats) with stats: `loss_sum` (sum of valid, finite losses),
+  `nonfinite` (valid examples dropped), `norms` ([num_micro, micro] unclipped norms, 0 on
+  padding).
+  """
+  value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
+
+  def micro_fn(params, micro, m, r):
+    losses, grads = value_and_grad(params, micro, r)
+    clipped, stats = clip(grads, m, clip_norm)
+    g = jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped)
+    ok = stats.pop("kept") & jnp.isfinite(losses)
+    stats["loss_sum"] = jnp.sum(jnp.where(ok, losses, 0.0))
+    return g, stats
+
+  return _scan_microbatches(micro_fn, params, batch, mask, rngs)
+
+
+def grad_sum(loss_fn: LossFn, params, batch, mask, rngs):
+  """Non-private: the gradient of the summed loss over valid examples (no clipping)."""
+  losses_fn = jax.vmap(loss_fn, in_axes=(None, 0, 0))
+
+  def micro_fn(params, micro, m, r):
+    def total(p):
+      losses = losses_fn(p, micro, r)
+      return jnp.sum(jnp.where(m, losses, 0.0)), losses
+
+    (_, losses), g = jax.value_and_grad(total, has_aux=True)(params)
+    g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+    stats = dict(loss_sum=jnp.sum(jnp.where(m, losses, 0.0)),
+                 nonfinite=jnp.sum(m & ~jnp.isfinite(losses)),
+                 norms=jnp.zeros(m.shape, jnp.float32))
+    return g, stats
+
+  return _scan_microbatches(micro_fn, params, batch, mask, rngs)

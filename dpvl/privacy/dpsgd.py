@@ -1,0 +1,46 @@
+"""The private gradient of one logical step: clip, sum over micro-batches, noise once, normalise.
+
+  g = (sum_i clip_C(grad loss_i) + N(0, (sigma C)^2 I)) / B_expected
+
+The sum runs over every real example of the step's Poisson batch (all micro-batches); the noise
+is drawn once, with the step's own key; the divisor is the *expected* batch size q N, a public
+constant, never the realised one (which would leak the batch size). The non-private mode runs
+the same step without clipping and noise, normalised by the same constant.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from dpvl.privacy import clipping
+from dpvl.privacy import noise
+
+
+def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm: float,
+                     noise_std: float, expected_batch_size: int, enabled: bool = True):
+  """Returns (gradient estimate, stats) for one logical step.
+
+  Args:
+    loss_fn: (params, example, rng) -> scalar loss of one example.
+    batch, mask, rngs: leading axes [num_microbatches, microbatch_size].
+    noise_key: this step's noise key (see `noise.step_key`).
+    clip_norm, noise_std: C and sigma * C from the privacy plan.
+    expected_batch_size: q * N, the divisor.
+    enabled: False for the non-private baseline (no clipping, no noise).
+  """
+  if enabled:
+    total, stats = clipping.clipped_grad_sum(loss_fn, params, batch, mask, rngs, clip_norm)
+    total = noise.add_gaussian_noise(total, noise_key, noise_std)
+  else:
+    total, stats = clipping.grad_sum(loss_fn, params, batch, mask, rngs)
+  grad = jax.tree.map(lambda g: g / expected_batch_size, total)
+  examples = jnp.sum(mask)
+  metrics = dict(
+      loss=stats["loss_sum"] / jnp.maximum(examples - stats["nonfinite"], 1),
+      examples=examples,
+      nonfinite=stats["nonfinite"],
+  )
+  if enabled:
+    valid = jnp.maximum(examples, 1)
+    metrics["clipped_fraction"] = jnp.sum((stats["norms"] > clip_norm) & mask) / valid
+    metrics["grad_norm_mean"] = jnp.sum(stats["norms"]) / valid
+  return grad, metrics

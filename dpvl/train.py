@@ -1,0 +1,236 @@
+"""The training loop: Poisson batches -> private step -> metrics -> ledger -> checkpoint.
+
+Workdir layout:
+  config.json      the resolved config
+  privacy.json     the ledger: the plan, steps done, epsilon spent (rewritten as the run goes)
+  metrics.jsonl    one JSON object per logged step
+  checkpoints/     orbax: train state, seeds, ledger
+"""
+
+import concurrent.futures
+import json
+import math
+import os
+import secrets
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dpvl import checkpoint as checkpoint_lib
+from dpvl.data import loader as loader_lib
+from dpvl.data import sources
+from dpvl.objectives import build_objective
+from dpvl.privacy import accounting
+from dpvl.privacy import dpsgd
+from dpvl.privacy import noise
+from dpvl.privacy import plan as plan_lib
+from dpvl.privacy import sampling
+
+
+class ResumeError(RuntimeError):
+  """A checkpoint exists whose privacy plan differs from the config's."""
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and cosine decay; no weight decay on biases and norms."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
+      decay_steps=max(total_steps, opt_cfg.warmup_steps + 1), end_value=0.0)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
+                     weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+
+
+def make_train_step(loss_fn, optimizer, plan: plan_lib.PrivacyPlan):
+  """Returns step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted."""
+
+  def step(state, batch, mask, example_key, noise_key):
+    t = state["step"]
+    rngs = jax.random.split(jax.random.fold_in(example_key, t), mask.size).reshape(
+        *mask.shape, -1)
+    grad, metrics = dpsgd.private_gradient(
+        loss_fn, state["params"], batch, mask, rngs, noise.step_key(noise_key, t),
+        clip_norm=plan.clip_norm, noise_std=plan.noise_std,
+        expected_batch_size=plan.expected_batch_size, enabled=plan.enabled)
+    updates, opt_state = optimizer.update(grad, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return dict(params=params, opt_state=opt_state, step=t + 1), metrics
+
+  return step
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+
+
+def _segments_from_meta(meta: dict) -> list[accounting.Segment]:
+  return [accounting.Segment(**s) for s in meta["ledger"]["segments"]]
+
+
+class Ledger:
+  """privacy.json: the plan, the steps done and the epsilon spent, always on disk."""
+
+  def __init__(self, plan: plan_lib.PrivacyPlan, path: str):
+    self.plan = plan
+    self.path = path
+    self.summary = plan.summary()
+
+  def entry(self, step: int, status: str) -> dict:
+    spent = {f"epsilon_spent_{a}": _none_if_inf(self.plan.epsilon(step, a))
+             for a in accounting.ACCOUNTANTS}
+    return dict(self.summary, steps_done=step, status=status,
+                epsilon_spent=spent[f"epsilon_spent_{self.plan.accountant}"], **spent,
+                segments=[s.__dict__ for s in self.plan.segments(step)],
+                fingerprint=self.plan.fingerprint())
+
+  def write(self, step: int, status: str) -> dict:
+    entry = self.entry(step, status)
+    _write_json(self.path, entry)
+    return entry
+
+
+def _none_if_inf(x: float):
+  return x if math.isfinite(x) else None
+
+
+def _mesh():
+  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the ledger."""
+  plan = plan_lib.build_plan(config)
+  objective = build_objective(config)
+  source = sources.build_source(config.data)
+  if len(source) != plan.dataset_size:
+    raise plan_lib.ConfigError(
+        f"config.data.size={plan.dataset_size} but the source holds {len(source)} records.")
+  mesh = _mesh()
+  if plan.microbatch_size % mesh.size:
+    raise plan_lib.ConfigError(
+        f"config.batch.microbatch_size={plan.microbatch_size} must be divisible by the "
+        f"{mesh.size} devices of the data axis.")
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  meta = ckpt.restore_meta() if ckpt.latest_step() is not None else None
+  if meta is not None and meta["ledger"]["fingerprint"] != plan.fingerprint():
+    old, new = meta["ledger"]["fingerprint"], plan.fingerprint()
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not force_resume:
+      raise ResumeError(
+          f"the checkpoint in {workdir} was made under another privacy plan (changed: "
+          f"{', '.join(f'{k} {old.get(k)} -> {new.get(k)}' for k in changed)}); resuming would "
+          "break its ledger. Use a new --workdir, or --force_resume to compose both plans.")
+    log(f"forced resume with a changed privacy plan ({', '.join(changed)}); the ledger "
+        "composes the steps done under the old plan with the new ones.")
+    plan = plan_lib.build_plan(config, done=_segments_from_meta(meta))
+
+  _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  ledger = Ledger(plan, os.path.join(workdir, "privacy.json"))
+  optimizer = make_optimizer(config.optimizer, plan.configured_steps)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(None, "data"))
+
+  def init_state():
+    params = objective.init(jax.random.key(config.seed))
+    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+  abstract = jax.eval_shape(init_state)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          abstract)
+  if meta is None:
+    state = jax.jit(init_state, out_shardings=replicated)()
+    secret_seed = plan_lib.get_field(config, "privacy.seed", None)
+    secret_seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
+    meta = dict(secret_seed=secret_seed)
+    start = 0
+  else:
+    state, meta = ckpt.restore(abstract)
+    start = int(state["step"])
+    log(f"resumed from step {start} in {workdir}")
+
+  def save(step: int, status: str):
+    meta["ledger"] = ledger.write(step, status)
+    ckpt.save(step, state, meta)
+
+  if start == 0 and ckpt.latest_step() is None:
+    save(0, "running")  # the secret seed is fixed from the first step on
+
+  sampler = sampling.PoissonSampler(plan.dataset_size, plan.sampling_rate, plan.capacity,
+                                    meta["secret_seed"])
+  noise_key = jax.random.key(meta["secret_seed"] ^ 0x6E6F697365)
+  example_key = jax.random.key(config.seed)
+  loader = loader_lib.BatchLoader(source, objective.prepare, objective.example_spec,
+                                  plan.num_microbatches, plan.microbatch_size)
+  train_step = jax.jit(make_train_step(objective.per_example_loss, optimizer, plan),
+                       donate_argnums=0)
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  log(f"{'private' if plan.enabled else 'NON-PRIVATE'} run: N={plan.dataset_size} "
+      f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} C={plan.clip_norm} "
+      f"steps={plan.steps} capacity={plan.capacity} "
+      f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
+      f"planned epsilon={ledger.summary['epsilon']}")
+  def fetch(step):
+    selection = sampler.select(step)
+    return selection, loader.load(selection)
+
+  prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  t0 = time.time()
+  skipped_total, truncated_total = {}, 0
+  pending = prefetcher.submit(fetch, start)
+  window = []
+  for step in range(start, plan.steps):
+    selection, batch = pending.result()
+    if step + 1 < plan.steps:
+      pending = prefetcher.submit(fetch, step + 1)  # host prepares step+1 while device runs
+    truncated_total += selection.truncated
+    for reason, count in batch.skipped.items():
+      skipped_total[reason] = skipped_total.get(reason, 0) + count
+    state, metrics = train_step(
+        state, jax.device_put(batch.examples, batch_sharding),
+        jax.device_put(batch.mask, batch_sharding), example_key, noise_key)
+    window.append(metrics)
+    done = step + 1
+    if done % config.log_every == 0 or done == plan.steps:
+      window = jax.device_get(window)
+      eps = plan.epsilon(done)
+      row = dict(step=done, loss=float(np.mean([m["loss"] for m in window])),
+                 epsilon=_none_if_inf(eps), examples=int(window[-1]["examples"]),
+                 seconds=round(time.time() - t0, 3), truncated=truncated_total,
+                 skipped=dict(skipped_total),
+                 **{k: float(window[-1][k]) for k in ("clipped_fraction", "grad_norm_mean")
+                    if k in window[-1]})
+      window = []
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  epsilon "
+          f"{eps:.3f}  examples {row['examples']}  {row['seconds']:.1f}s")
+    if done % config.checkpoint_every == 0 and done != plan.steps:
+      save(done, "running")
+
+  final = int(state["step"])
+  if final < plan.configured_steps:
+    status = "budget_exhausted"
+    log(f"privacy budget reached: stopping after {final} of {plan.configured_steps} steps; the "
+        f"next step would exceed target epsilon {plan.target_epsilon}. Checkpoint saved.")
+  else:
+    status = "completed"
+  save(final, status)
+  ckpt.close()
+  if skipped_total:
+    log(f"skipped records: {skipped_total}")
+  entry = meta["ledger"]
+  log(f"done: {final} steps, epsilon {entry['epsilon_spent']} at delta {plan.delta:.3g} "
+      f"({plan.accountant}); ledger {ledger.path}")
+  sys.stdout.flush()
+  return entry

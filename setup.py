@@ -1,0 +1,30 @@
+"""dpvl: differentially private pretraining of vision and vision-language models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dpvl",
+    version="0.1.0",
+    description="Differentially private pretraining of vision and vision-language models in JAX.",
+    packages=find_packages(include=["dpvl", "dpvl.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6,<0.13",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.10,<0.3",
+        "ml-collections>=1.0,<2",
+        "dp-accounting>=0.6.0,<0.7",
+        "einops>=0.8,<0.9",
+        "numpy>=1.26,<3",
+        "scipy>=1.11,<2",
+        "pillow>=10,<14",
+        "absl-py>=2.1,<3",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10"],
+        "gpu": ["jax[cuda12]>=0.6,<0.13"],
+        "tpu": ["jax[tpu]>=0.6,<0.13"],
+    },
+)
