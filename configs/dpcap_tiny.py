@@ -14,6 +14,7 @@ def get_config():
   c.data.size = 20_000          # N, the number of private records
   c.data.image_size = 32
   c.data.seed = 0
+  c.data.max_objects = 1
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.type = "byte"     # needs no vocabulary fit on private data

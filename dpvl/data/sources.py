@@ -1,0 +1,21 @@
+"""Data sources by name (`config.data.source`): random-access, grain-compatible."""
+
+from dpvl.data import synthetic
+
+
+def _shape_scenes(cfg):
+  return synthetic.ShapeScenes(num_records=cfg.size, image_size=cfg.image_size, seed=cfg.seed,
+                               max_objects=cfg.get("max_objects", 2))
+
+
+REGISTRY = {
+    "shape_scenes": _shape_scenes,
+}
+
+
+def build_source(cfg):
+  """The source named by `cfg.source`, built from the rest of `cfg` (config.data)."""
+  if cfg.source not in REGISTRY:
+    raise ValueError(
+        f"data.source={cfg.source!r} is unknown; choose one of {sorted(REGISTRY)}.")
+  return REGISTRY[cfg.source](cfg)

@@ -1,0 +1,143 @@
+"""Tokenizers that need no vocabulary fit on private data.
+
+* `ByteTokenizer`: UTF-8 bytes, ids 3..258; 0 = pad, 1 = BOS, 2 = EOS.
+* `WordPieceTokenizer`: a public BERT-style `vocab.txt` (e.g. bert-base-uncased, 30,522 pieces),
+  lowercased, accents stripped, greedy longest-match-first; [CLS] = BOS, [SEP] = EOS.
+
+`encode(text)` returns int32 [max_len]: BOS, tokens, EOS, then pad. A text too long is cut to
+max_len keeping BOS and dropping EOS (the model then sees no end for that caption).
+"""
+
+import os
+import unicodedata
+
+import numpy as np
+
+
+class _Tokenizer:
+  pad_id: int
+  bos_id: int
+  eos_id: int
+  vocab_size: int
+
+  def __init__(self, max_len: int):
+    if max_len < 2:
+      raise ValueError(f"tokenizer.max_len must be at least 2, got {max_len}.")
+    self.max_len = int(max_len)
+
+  def _ids(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def _text(self, ids: list[int]) -> str:
+    raise NotImplementedError
+
+  def encode(self, text) -> np.ndarray:
+    if isinstance(text, bytes):
+      text = text.decode("utf-8", errors="replace")
+    ids = [self.bos_id, *self._ids(text), self.eos_id][:self.max_len]
+    out = np.full(self.max_len, self.pad_id, np.int32)
+    out[:len(ids)] = ids
+    return out
+
+  def decode(self, ids) -> str:
+    kept = []
+    for i in np.asarray(ids).tolist():
+      if i == self.eos_id:
+        break
+      if i not in (self.pad_id, self.bos_id):
+        kept.append(i)
+    return self._text(kept)
+
+
+class ByteTokenizer(_Tokenizer):
+  """UTF-8 bytes shifted by 3; vocab_size 259."""
+  pad_id, bos_id, eos_id, vocab_size = 0, 1, 2, 259
+  _OFFSET = 3
+
+  def _ids(self, text):
+    return [b + self._OFFSET for b in text.encode("utf-8")]
+
+  def _text(self, ids):
+    return bytes(i - self._OFFSET for i in ids if i >= self._OFFSET).decode(
+        "utf-8", errors="replace")
+
+
+class WordPieceTokenizer(_Tokenizer):
+  """BERT word pieces from a public vocabulary file (one piece per line)."""
+
+  _SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+  _MAX_WORD = 100
+
+  def __init__(self, vocab_file: str, max_len: int):
+    super().__init__(max_len)
+    if not vocab_file or not os.path.isfile(vocab_file):
+      raise ValueError(f"tokenizer.vocab_file={vocab_file!r} is not a readable file.")
+    with open(vocab_file, encoding="utf-8") as f:
+      pieces = [line.rstrip("\n") for line in f]
+    self.vocab = {p: i for i, p in enumerate(pieces) if p}
+    missing = [s for s in self._SPECIAL if s not in self.vocab]
+    if missing:
+      raise ValueError(f"tokenizer.vocab_file={vocab_file!r} lacks {missing}.")
+    self.pieces = pieces
+    self.vocab_size = len(pieces)
+    self.pad_id, self.unk_id, self.bos_id, self.eos_id = (self.vocab[s] for s in self._SPECIAL)
+
+  @staticmethod
+  def _words(text: str) -> list[str]:
+    text = unicodedata.normalize("NFD", text.lower())
+    text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+    words, current = [], []
+    for c in text:
+      if c.isspace() or unicodedata.category(c).startswith("P") or (
+          c.isascii() and not c.isalnum()):
+        if current:
+          words.append("".join(current))
+          current = []
+        if not c.isspace():
+          words.append(c)
+      else:
+        current.append(c)
+    if current:
+      words.append("".join(current))
+    return words
+
+  def _ids(self, text):
+    ids = []
+    for word in self._words(text):
+      if len(word) > self._MAX_WORD:
+        ids.append(self.unk_id)
+        continue
+      pieces, start = [], 0
+      while start < len(word):
+        end = len(word)
+        while end > start:
+          piece = word[start:end] if start == 0 else "##" + word[start:end]
+          if piece in self.vocab:
+            break
+          end -= 1
+        if end == start:
+          pieces = [self.unk_id]
+          break
+        pieces.append(self.vocab[piece])
+        start = end
+      ids.extend(pieces)
+    return ids
+
+  def _text(self, ids):
+    words = []
+    for i in ids:
+      piece = self.pieces[i]
+      if piece.startswith("##") and words:
+        words[-1] += piece[2:]
+      else:
+        words.append(piece)
+    return " ".join(words)
+
+
+def build_tokenizer(cfg) -> _Tokenizer:
+  """From config.tokenizer: `type` ("byte" or "wordpiece"), `vocab_file`, `max_len`."""
+  if cfg.type == "byte":
+    return ByteTokenizer(cfg.max_len)
+  if cfg.type == "wordpiece":
+    return WordPieceTokenizer(cfg.vocab_file, cfg.max_len)
+  raise ValueError(f"tokenizer.type={cfg.type!r} is unknown; choose 'byte' or 'wordpiece'.")
