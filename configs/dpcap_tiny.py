@@ -41,7 +41,10 @@ def get_config():
   c.privacy.delta = ml_collections.FieldReference(None, field_type=float)  # None: 1/N
   c.privacy.accountant = "pld"  # "pld" or "rdp"
   c.privacy.sampling = "poisson"
-  c.privacy.truncation_tolerance = 1e-3  # P(any step's batch is truncated) <= tol * delta
+  c.privacy.truncation_tolerance = 1e-3  # truncation may use this fraction of delta
+  # Seed of the Poisson sampler and the noise. Keep it secret: None draws one from the OS at
+  # the first step and keeps it in the (private) checkpoint.
+  c.privacy.seed = ml_collections.FieldReference(None, field_type=int)
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, b1=0.9, b2=0.95, weight_decay=0.005, warmup_steps=15,

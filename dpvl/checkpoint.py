@@ -41,5 +41,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_state_arrays(self, step: int | None = None):
+    """The saved train state as stored (no target structure needed), e.g. to read params."""
+    step = self.latest_step() if step is None else step
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+
   def close(self) -> None:
     self._manager.close()

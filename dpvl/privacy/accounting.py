@@ -145,7 +145,7 @@ def calibrate_noise_multiplier(accountant: str, segment: Segment, *, target_epsi
 
   if eps_at(_MAX_SIGMA) > target_epsilon:
     raise ValueError(
-        f"privacy.target_epsilon={target_epsilon} is unreachable in {segment.steps} steps at "
+        f"config.privacy.target_epsilon={target_epsilon} is unreachable in {segment.steps} steps at "
         f"sampling rate {segment.sampling_rate:.3g} and delta {delta:.3g}: even noise "
         f"multiplier {_MAX_SIGMA} spends more; lower the steps or the batch size, or raise "
         "the target.")

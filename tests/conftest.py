@@ -1,0 +1,43 @@
+"""Shared test fixtures: small configs built from the real demo config."""
+
+import os
+import sys
+
+import jax
+import pytest
+
+# Tests build many identical train steps: share their compilations through JAX's persistent
+# cache (a fresh directory per test session).
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dpvl-jax-cache-{os.getpid()}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from configs import dpcap_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def small_dpcap_config(**privacy):
+  """The demo config shrunk to run a few steps in seconds."""
+  c = dpcap_tiny.get_config()
+  c.steps = 6
+  c.data.size = 2_000
+  c.data.image_size = 16
+  c.tokenizer.max_len = 48
+  c.model.encoder.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64))
+  c.model.decoder.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+  c.batch.expected_size = 32
+  c.batch.microbatch_size = 16
+  c.privacy.noise_multiplier = 1.0
+  c.privacy.target_epsilon = None
+  c.privacy.seed = 1234
+  c.privacy.update(privacy)
+  c.optimizer.warmup_steps = 2
+  c.log_every = 2
+  c.checkpoint_every = 3
+  return c
+
+
+@pytest.fixture
+def small_config():
+  return small_dpcap_config()

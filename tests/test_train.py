@@ -1,0 +1,153 @@
+"""End to end: the demo objective trained with DP-SGD; ledger, metrics, resume, budget, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_dpcap_config
+from dpvl import checkpoint as checkpoint_lib
+from dpvl import train
+from dpvl.privacy import plan as plan_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _final_params(workdir):
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  meta = ckpt.restore_meta()
+  state = ckpt.restore_state_arrays()
+  ckpt.close()
+  return state["params"], meta
+
+
+def test_run_writes_ledger_metrics_config_and_checkpoint(tmp_path):
+  config = small_dpcap_config()
+  entry = train.run(config, str(tmp_path), log=lambda *_: None)
+  ledger = json.load(open(tmp_path / "privacy.json"))
+  assert ledger["steps_done"] == 6 and ledger["status"] == "completed"
+  plan = plan_lib.build_plan(config)
+  assert ledger["epsilon_spent"] == pytest.approx(plan.epsilon(6))
+  assert entry["epsilon_spent"] == ledger["epsilon_spent"]
+  for key in ("dataset_size", "expected_batch_size", "sampling_rate", "steps",
+              "noise_multiplier", "clip_norm", "delta", "epsilon", "epsilon_rdp", "epsilon_pld",
+              "accountant", "sampling"):
+    assert key in ledger
+  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  for r in rows:
+    assert {"step", "loss", "epsilon", "examples", "seconds"} <= set(r)
+    assert np.isfinite(r["loss"]) and r["examples"] > 0
+  assert all(a["epsilon"] < b["epsilon"] for a, b in zip(rows, rows[1:]))
+  assert json.load(open(tmp_path / "config.json"))["objective"] == "dpcap"
+  _, meta = _final_params(str(tmp_path))
+  assert meta["ledger"]["steps_done"] == 6 and meta["secret_seed"] == 1234
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
+  config = small_dpcap_config()
+  train.run(config, str(tmp_path / "straight"), log=lambda *_: None)
+
+  def crash_at_step_4(message):
+    if message.startswith("step      4/"):
+      raise _Interrupt()
+
+  with pytest.raises(_Interrupt):  # dies after step 4, last checkpoint at step 3
+    train.run(config, str(tmp_path / "resumed"), log=crash_at_step_4)
+  logs = []
+  train.run(config, str(tmp_path / "resumed"), log=logs.append)
+  assert any("resumed from step 3" in line for line in logs)
+  a, meta_a = _final_params(str(tmp_path / "straight"))
+  b, meta_b = _final_params(str(tmp_path / "resumed"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert meta_a["ledger"]["epsilon_spent"] == meta_b["ledger"]["epsilon_spent"]
+  assert meta_b["ledger"]["steps_done"] == 6
+
+
+def test_resume_with_changed_privacy_plan_is_refused_unless_forced(tmp_path):
+  train.run(small_dpcap_config(), str(tmp_path), log=lambda *_: None)
+  changed = small_dpcap_config(noise_multiplier=0.5)
+  changed.steps = 8
+  with pytest.raises(train.ResumeError, match="noise_multiplier 1.0 -> 0.5"):
+    train.run(changed, str(tmp_path), log=lambda *_: None)
+  entry = train.run(changed, str(tmp_path), force_resume=True, log=lambda *_: None)
+  # The ledger composes 6 steps at sigma 1.0 with 2 at sigma 0.5.
+  assert [s["noise_multiplier"] for s in entry["segments"]] == [1.0, 0.5]
+  assert [s["steps"] for s in entry["segments"]] == [6, 2]
+  old = plan_lib.build_plan(small_dpcap_config())
+  assert entry["epsilon_spent"] > old.epsilon(6)
+
+
+def test_training_stops_at_the_privacy_budget(tmp_path):
+  config = small_dpcap_config(noise_multiplier=1.0, target_epsilon=None)
+  plan = plan_lib.build_plan(config)
+  budget = (plan.epsilon(3) + plan.epsilon(4)) / 2  # room for 3 steps, not 4
+  config.privacy.target_epsilon = budget
+  logs = []
+  entry = train.run(config, str(tmp_path), log=logs.append)
+  assert entry["steps_done"] == 3 and entry["status"] == "budget_exhausted"
+  assert entry["epsilon_spent"] <= budget
+  assert any("privacy budget reached" in line for line in logs)
+  _, meta = _final_params(str(tmp_path))
+  assert meta["ledger"]["steps_done"] == 3
+
+
+def test_non_private_baseline_runs_through_the_same_step(tmp_path):
+  entry = train.run(small_dpcap_config(enabled=False), str(tmp_path), log=lambda *_: None)
+  assert entry["private"] is False and entry["epsilon_spent"] is None
+  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_demo_loss_falls(tmp_path):
+  config = small_dpcap_config()
+  config.steps = 40
+  config.log_every = 5
+  config.checkpoint_every = 100
+  config.batch.expected_size = 64
+  config.optimizer.learning_rate = 3e-3
+  train.run(config, str(tmp_path), log=lambda *_: None)
+  rows = _read_jsonl(tmp_path / "metrics.jsonl")
+  first, last = rows[0]["loss"], rows[-1]["loss"]
+  assert last < 0.7 * first, (first, last)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "dpvl.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_account_mode_reproduces_the_dpcap_row():
+  out = _cli("--config=configs/dpcap_laion233m.py", "--mode=account",
+             "--config.privacy.noise_multiplier=0.728")
+  assert out.returncode == 0, out.stderr
+  summary = json.loads(out.stdout)
+  assert summary["steps"] == 5_708 and summary["expected_batch_size"] == 1_310_720
+  assert summary["epsilon_rdp"] == pytest.approx(8.073, abs=1e-3)
+  assert summary["epsilon_pld"] == pytest.approx(7.360, abs=1e-3)
+  assert summary["epsilon"] == summary["epsilon_pld"]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("--config.objective=vae", "config.objective"),
+    ("--config.batch.expected_size=30000", "config.batch.expected_size"),
+    ("--config.privacy.delta=0.01", "config.privacy.delta"),
+    ("--config.privacy.target_epsilon=0.00001", "config.privacy.target_epsilon"),
+])
+def test_cli_bad_config_fails_with_one_sentence(override, field):
+  out = _cli("--config=configs/dpcap_tiny.py", "--mode=account", override)
+  assert out.returncode == 2
+  assert field in out.stderr and "Traceback" not in out.stderr
