@@ -61,7 +61,6 @@ def build(config) -> Objective:
                    prepare=prepare, example_spec=spec, model=model)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "length", "bos_id"))
 def greedy_decode(model: Captioner, params, images, length: int, bos_id: int):
   """Greedy captions [B, length] (starting with BOS) for images [B, H, W, 3]."""
   memory = model.apply({"params": params}, images, method=Captioner.encode_images)
@@ -78,5 +77,7 @@ def caption_images(objective: Objective, params, images: np.ndarray, config) -> 
   """Greedy captions (text) for uint8 images [B, H, W, 3]."""
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   x = np.stack([transforms.normalize_image(im) for im in images])
-  ids = greedy_decode(objective.model, params, x, config.tokenizer.max_len, tokenizer.bos_id)
+  decode = jax.jit(functools.partial(greedy_decode, objective.model,
+                                     length=config.tokenizer.max_len, bos_id=tokenizer.bos_id))
+  ids = decode(params, x)
   return [tokenizer.decode(row) for row in np.asarray(ids)]
