@@ -42,10 +42,12 @@ class Checkpointer:
     return restored["state"], restored["meta"]
 
   def restore_state_arrays(self, step: int | None = None):
-    """The saved train state as stored (no target structure needed), e.g. to read params."""
+    """The saved train state on this host's first device, whatever topology saved it (e.g. to
+    read the params of a pod run on one machine)."""
     step = self.latest_step() if step is None else step
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+        state=ocp.args.StandardRestore(fallback_sharding=device)))["state"]
 
   def close(self) -> None:
     self._manager.close()

@@ -187,7 +187,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   t0 = time.time()
   skipped_total, truncated_total = {}, 0
-  pending = prefetcher.submit(fetch, start)
+  pending = prefetcher.submit(fetch, start) if start < plan.steps else None
   window = []
   for step in range(start, plan.steps):
     selection, batch = pending.result()
@@ -218,6 +218,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     if done % config.checkpoint_every == 0 and done != plan.steps:
       save(done, "running")
 
+  prefetcher.shutdown(wait=False)
   final = int(state["step"])
   if final < plan.configured_steps:
     status = "budget_exhausted"

@@ -5,6 +5,7 @@ dropout): it runs under per-example `vmap` for DP-SGD. Fixed 2-D sin-cos positio
 are a constant, not a parameter, so no optimizer step can change them.
 """
 
+import einops
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -64,11 +65,14 @@ class ViT(nn.Module):
 
   def embed(self, images):
     """Patch embedding plus position embedding: [B, T, width]."""
+    # A dense layer on flattened patches, not a strided Conv: the same map, but its per-example
+    # gradients stay matmuls. (vmapped Conv kernel gradients become grouped convolutions, which
+    # XLA's SPMD partitioner got wrong on a batch-sharded mesh.)
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="embedding")(images)
-    b, h, w, c = x.shape
-    x = x.reshape(b, h * w, c)
+    h, w = images.shape[1] // p, images.shape[2] // p
+    patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+    x = nn.Dense(self.width, dtype=self.dtype, name="embedding")(patches)
+    c = self.width
     if self.posemb == "sincos2d":
       pos = jnp.asarray(sincos2d(h, w, c))
     elif self.posemb == "learn":

@@ -36,6 +36,9 @@ def build(config) -> Objective:
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   model = model_from_config(config, tokenizer.vocab_size)
   size, length = config.data.image_size, config.tokenizer.max_len
+  if size % config.model.encoder.patch_size:
+    raise ValueError(f"config.data.image_size={size} is not a multiple of "
+                     f"config.model.encoder.patch_size={config.model.encoder.patch_size}.")
   spec = dict(image=jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
               tokens=jax.ShapeDtypeStruct((length,), jnp.int32))
 
