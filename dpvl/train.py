@@ -108,8 +108,11 @@ def _mesh():
 def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the ledger."""
   plan = plan_lib.build_plan(config)
-  objective = build_objective(config)
-  source = sources.build_source(config.data)
+  try:
+    objective = build_objective(config)
+    source = sources.build_source(config.data)
+  except ValueError as e:  # bad model, tokenizer or data fields: one sentence, no traceback
+    raise plan_lib.ConfigError(str(e)) from None
   if len(source) != plan.dataset_size:
     raise plan_lib.ConfigError(
         f"config.data.size={plan.dataset_size} but the source holds {len(source)} records.")
