@@ -1,8 +1,11 @@
-"""Generated scenes, tokenizers, the batch loader's padding and skipping."""
+"""Generated scenes, tokenizers, sources, transforms, the batch loader's padding and skipping."""
 
 import collections
+import pickle
 import types
 
+import grain
+import ml_collections
 import numpy as np
 import pytest
 
@@ -18,72 +21,148 @@ def test_scenes_are_deterministic_per_seed_and_index():
   a, b = synthetic.ShapeScenes(100, 32, seed=0), synthetic.ShapeScenes(100, 32, seed=0)
   c = synthetic.ShapeScenes(100, 32, seed=1)
   np.testing.assert_array_equal(a[7]["image"], b[7]["image"])
-  assert a[7]["caption"] == b[7]["caption"]
+  assert a[7]["caption"] == b[7]["caption"] and a[7]["label"] == b[7]["label"]
+  np.testing.assert_array_equal(a[np.int64(7)]["image"], a[7]["image"])
   assert any(a[i]["caption"] != c[i]["caption"] for i in range(10))
+  assert any(not np.array_equal(a[i]["image"], c[i]["image"]) for i in range(10))
   r = a[3]
+  assert set(r) == {"image", "caption", "label", "index"}
   assert r["image"].shape == (32, 32, 3) and r["image"].dtype == np.uint8
-  assert r["index"] == 3
-  with pytest.raises(IndexError):
-    a[100]
+  assert isinstance(r["caption"], str) and r["caption"] == r["caption"].lower()
+  assert isinstance(r["label"], int) and r["index"] == 3
+  assert len(a) == 100
+  assert repr(a) == "ShapeScenes(num_records=100, image_size=32, seed=0, max_objects=2)"
+  for bad in (100, -1):
+    with pytest.raises(IndexError):
+      a[bad]  # pylint: disable=pointless-statement
+
+
+def test_scenes_work_as_a_grain_source():
+  scenes = synthetic.ShapeScenes(20, 16, seed=3)
+  assert isinstance(scenes, grain.sources.RandomAccessDataSource)
+  dataset = grain.MapDataset.source(scenes).seed(0).shuffle()
+  assert sorted(dataset[i]["index"] for i in range(20)) == list(range(20))
+  copy = pickle.loads(pickle.dumps(scenes))  # grain's worker processes pickle the source
+  assert copy[5]["caption"] == scenes[5]["caption"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_records=0), dict(num_records=5, image_size=0),
+                                    dict(num_records=5, seed=-1),
+                                    dict(num_records=5, max_objects=0),
+                                    dict(num_records=5, max_objects=10)])
+def test_scene_arguments_are_checked(kwargs):
+  with pytest.raises(ValueError):
+    synthetic.ShapeScenes(**kwargs)
 
 
 def test_captions_describe_the_objects():
   scenes = synthetic.ShapeScenes(10**9, 32, seed=5, max_objects=2)  # any size, nothing stored
-  for i in range(0, 10**9, 10**8):
-    objects, _, _ = synthetic.scene_spec(5, i, 2)
+  counts = collections.Counter()
+  for i in range(0, 10**9, 10**7):
+    objects = synthetic.scene_spec(5, i, 2).objects
+    counts[len(objects)] += 1
     record = scenes[i]
-    for o in objects:
-      assert f"{o.size} {o.colour} {o.shape}" in record["caption"]
-      assert o.position in record["caption"]
+    described = record["caption"].split(", ")
+    assert len(described) == len(objects)
+    for o, text in zip(objects, described):
+      assert text.startswith(f"a {o.size} {o.colour} {o.shape} ") and text.endswith(o.position)
     assert record["label"] == synthetic.SHAPES.index(objects[0].shape)
+  assert set(counts) == {1, 2}
 
 
-def test_objects_are_drawn_in_their_colour():
-  for i in range(20):
-    objects, _, _ = synthetic.scene_spec(0, i, 1)
-    image = synthetic.ShapeScenes(50, 32, seed=0, max_objects=1)[i]["image"]
-    colour = np.array(synthetic.COLOURS[objects[0].colour])
-    assert np.all(image.reshape(-1, 3) == colour, axis=1).sum() >= 4
+def test_two_object_captions_mostly_fit_64_bytes():
+  scenes = synthetic.ShapeScenes(1_000, 8, seed=0, max_objects=2)
+  lengths = np.array([len(scenes[i]["caption"].encode()) for i in range(1_000)])
+  assert np.mean(lengths + 2 <= 64) > 0.8  # + BOS and EOS
+  single = synthetic.ShapeScenes(1_000, 8, seed=0, max_objects=1)
+  assert max(len(single[i]["caption"]) for i in range(1_000)) + 2 <= 48
+
+
+def test_objects_are_drawn_in_their_colour_and_do_not_overlap():
+  scenes = synthetic.ShapeScenes(50, 32, seed=0, max_objects=2)
+  for i in range(50):
+    scene = synthetic.scene_spec(0, i, 2)
+    image = scenes[i]["image"]
+    assert np.all(image[0, 0] == scene.background)  # the corner is never covered
+    for o in scene.objects:
+      colour = np.array(synthetic.COLOURS[o.colour])
+      assert np.all(image.reshape(-1, 3) == colour, axis=1).sum() >= 4
+    if len(scene.objects) == 2:  # the bounding boxes (before jitter) are apart
+      (y0, x0), (y1, x1) = (synthetic.POSITIONS[o.position] for o in scene.objects)
+      r0, r1 = (synthetic.SIZES[o.size] for o in scene.objects)
+      assert max(abs(y0 - y1), abs(x0 - x1)) >= r0 + r1 - 1e-9
 
 
 def test_labels_are_balanced():
   scenes = synthetic.ShapeScenes(2_000, 8, seed=0)
-  counts = collections.Counter(scenes[i]["label"] for i in range(2_000))
-  assert set(counts) == set(range(synthetic.num_classes))
+  labels = [scenes[i]["label"] for i in range(2_000)]
+  counts = collections.Counter(labels)
+  assert set(counts) == set(range(synthetic.num_classes)) == set(range(len(synthetic.SHAPES)))
   assert min(counts.values()) > 2_000 / synthetic.num_classes * 0.75
 
 
+def _byte(max_len):
+  return tokenizers.build_tokenizer(types.SimpleNamespace(type="byte", vocab_file="",
+                                                          max_len=max_len))
+
+
 def test_byte_tokenizer_round_trip_padding_and_truncation():
-  tok = tokenizers.build_tokenizer(types.SimpleNamespace(type="byte", vocab_file="", max_len=16))
+  tok = _byte(16)
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (259, 0, 1, 2)
   ids = tok.encode("héllo")
   assert ids.dtype == np.int32 and ids.shape == (16,)
   assert ids[0] == tok.bos_id and tok.decode(ids) == "héllo"
   assert ids[7] == tok.eos_id and np.all(ids[8:] == tok.pad_id)  # 6 bytes + BOS + EOS
+  assert list(ids[1:3]) == [ord("h") + 3, 0xC3 + 3]
+  assert _byte(64).decode(_byte(64).encode("日本の猫 ünïcödé 🙂")) == "日本の猫 ünïcödé 🙂"
+  exact = tok.encode("x" * 14)  # BOS + 14 + EOS: just fits
+  assert exact[-1] == tok.eos_id and tok.pad_id not in exact
   long = tok.encode("x" * 40)
   assert long[0] == tok.bos_id and tok.eos_id not in long and tok.pad_id not in long
+  assert tok.decode(long) == "x" * 15
   empty = tok.encode("")
   assert list(empty[:2]) == [tok.bos_id, tok.eos_id] and np.all(empty[2:] == tok.pad_id)
+  assert tok.decode(empty) == ""
   assert tok.decode(tok.encode(b"caf\xc3\xa9 \xff")) == "café \ufffd"
+  assert tok.decode([tok.bos_id, ord("a") + 3, tok.eos_id, ord("b") + 3]) == "a"  # stops at EOS
+  with pytest.raises(TypeError):
+    tok.encode(None)
+
+
+def _wordpiece(tmp_path, vocab, max_len=12):
+  path = tmp_path / "vocab.txt"
+  path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+  return tokenizers.build_tokenizer(types.SimpleNamespace(type="wordpiece",
+                                                          vocab_file=str(path), max_len=max_len))
+
+
+_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "circle", "at", "the", "top", "cir",
+          "##cle", "##s", ",", "left", "cafe", "猫"]
 
 
 def test_wordpiece_tokenizer(tmp_path):
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "a", "red", "circle", "at", "the", "top", "cir",
-           "##cle", "##s", ",", "left"]
-  path = tmp_path / "vocab.txt"
-  path.write_text("\n".join(vocab) + "\n")
-  tok = tokenizers.build_tokenizer(types.SimpleNamespace(type="wordpiece",
-                                                         vocab_file=str(path), max_len=12))
+  tok = _wordpiece(tmp_path, _VOCAB)
+  assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (len(_VOCAB), 0, 2, 3)
   ids = tok.encode("A RED Circles, at the top-left!")
-  pieces = [vocab[i] for i in ids if i not in (tok.pad_id,)]
+  pieces = [_VOCAB[i] for i in ids if i not in (tok.pad_id,)]
   assert pieces == ["[CLS]", "a", "red", "circle", "##s", ",", "at", "the", "top", "[UNK]",
-                    "left", "[UNK]"]  # '-' and '!' are not in this vocabulary
+                    "left", "[UNK]"]  # '-' and '!' are not in this vocabulary; EOS cut
   assert tok.decode(tok.encode("a red circles")) == "a red circles"
+  assert tok.decode(tok.encode("a red circle, at the top")) == "a red circle, at the top"
+  assert [_VOCAB[i] for i in tok.encode("Café 猫猫")[:6]] == [
+      "[CLS]", "cafe", "猫", "猫", "[SEP]", "[PAD]"]  # accents stripped, CJK split
+  assert [_VOCAB[i] for i in tok.encode("redx " + "a" * 101)[:4]] == [
+      "[CLS]", "[UNK]", "[UNK]", "[SEP]"]  # no piece for 'x'; a word over 100 characters
+  empty = tok.encode("")
+  assert list(empty[:2]) == [tok.bos_id, tok.eos_id] and np.all(empty[2:] == tok.pad_id)
+  assert tok.decode(tok.encode(b"caf\xc3\xa9")) == "cafe"
 
 
 @pytest.mark.parametrize("cfg, match", [
     (dict(type="sentencepiece", vocab_file="", max_len=8), "tokenizer.type"),
     (dict(type="wordpiece", vocab_file="/nonexistent/vocab.txt", max_len=8),
      "tokenizer.vocab_file"),
+    (dict(type="wordpiece", vocab_file="", max_len=8), "tokenizer.vocab_file"),
     (dict(type="byte", vocab_file="", max_len=1), "tokenizer.max_len"),
 ])
 def test_tokenizer_config_errors(cfg, match):
@@ -91,15 +170,33 @@ def test_tokenizer_config_errors(cfg, match):
     tokenizers.build_tokenizer(types.SimpleNamespace(**cfg))
 
 
-def test_unknown_source_is_named():
-  with pytest.raises(ValueError, match="data.source"):
+def test_wordpiece_vocab_without_special_tokens_is_named(tmp_path):
+  with pytest.raises(ValueError, match=r"tokenizer.vocab_file.*\[SEP\]"):
+    _wordpiece(tmp_path, ["[PAD]", "[UNK]", "[CLS]", "a"])
+
+
+def test_sources_by_name():
+  cfg = ml_collections.ConfigDict(dict(source="shape_scenes", size=10, image_size=16, seed=2,
+                                       max_objects=1))
+  source = sources.build_source(cfg)
+  assert len(source) == 10 and source[0]["image"].shape == (16, 16, 3)
+  assert ", " not in "".join(source[i]["caption"] for i in range(10))  # one object each
+  plain = sources.build_source(types.SimpleNamespace(source="shape_scenes", size=10,
+                                                     image_size=16, seed=2))
+  assert repr(plain) == "ShapeScenes(num_records=10, image_size=16, seed=2, max_objects=2)"
+  with pytest.raises(ValueError, match=r"data.source.*shape_scenes"):
     sources.build_source(types.SimpleNamespace(source="laion"))
 
 
 def test_normalisation_is_fixed():
   image = np.array([[[0, 255, 127]]], np.uint8)
-  np.testing.assert_allclose(transforms.normalize_image(image),
-                             [[[-1.0, 1.0, 127 / 127.5 - 1]]], rtol=1e-6)
+  out = transforms.normalize_image(image)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, [[[-1.0, 1.0, 127 / 127.5 - 1]]], rtol=1e-6)
+  with pytest.raises(ValueError, match="uint8"):
+    transforms.normalize_image(image.astype(np.float32))
+  with pytest.raises(ValueError, match="shape"):
+    transforms.normalize_image(np.zeros((4, 4), np.uint8))
 
 
 class _FlakySource:

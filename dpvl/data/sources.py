@@ -1,11 +1,15 @@
-"""Data sources by name (`config.data.source`): random-access, grain-compatible."""
+"""Data sources by name (`config.data.source`): random-access, grain-compatible.
+
+A source is anything with `__len__` and `__getitem__(index) -> record dict` (grain's
+`RandomAccessDataSource` protocol). To add one, register a builder taking `config.data`.
+"""
 
 from dpvl.data import synthetic
 
 
 def _shape_scenes(cfg):
   return synthetic.ShapeScenes(num_records=cfg.size, image_size=cfg.image_size, seed=cfg.seed,
-                               max_objects=cfg.get("max_objects", 2))
+                               max_objects=getattr(cfg, "max_objects", 2))
 
 
 REGISTRY = {

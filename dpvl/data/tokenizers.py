@@ -5,13 +5,31 @@
   lowercased, accents stripped, greedy longest-match-first; [CLS] = BOS, [SEP] = EOS.
 
 `encode(text)` returns int32 [max_len]: BOS, tokens, EOS, then pad. A text too long is cut to
-max_len keeping BOS and dropping EOS (the model then sees no end for that caption).
+max_len keeping BOS and dropping EOS (the model then sees no end for that caption). Bytes are
+decoded as UTF-8 (errors="replace"); other non-text input is a TypeError. `decode(ids)` stops at
+the first EOS and skips pad and BOS.
 """
 
 import os
 import unicodedata
 
 import numpy as np
+
+
+_NO_SPACE_BEFORE = frozenset(".,!?;:")
+
+
+def _is_punctuation(c: str, category: str) -> bool:
+  """Unicode punctuation, or any ASCII character that is neither a letter, digit nor space."""
+  return category.startswith("P") or (c.isascii() and not c.isalnum() and not c.isspace())
+
+
+def _is_cjk(c: str) -> bool:
+  """CJK ideographs, which BERT splits into one word each."""
+  cp = ord(c)
+  return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or
+          0x2A700 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF or
+          0x2F800 <= cp <= 0x2FA1F)
 
 
 class _Tokenizer:
@@ -21,8 +39,8 @@ class _Tokenizer:
   vocab_size: int
 
   def __init__(self, max_len: int):
-    if max_len < 2:
-      raise ValueError(f"tokenizer.max_len must be at least 2, got {max_len}.")
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
+      raise ValueError(f"tokenizer.max_len must be an integer >= 2, got {max_len!r}.")
     self.max_len = int(max_len)
 
   def _ids(self, text: str) -> list[int]:
@@ -32,14 +50,18 @@ class _Tokenizer:
     raise NotImplementedError
 
   def encode(self, text) -> np.ndarray:
+    """int32 [max_len]: BOS, tokens, EOS, pad; cut to max_len (EOS is then dropped)."""
     if isinstance(text, bytes):
       text = text.decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+      raise TypeError(f"can only encode str or bytes, got {type(text).__name__}.")
     ids = [self.bos_id, *self._ids(text), self.eos_id][:self.max_len]
     out = np.full(self.max_len, self.pad_id, np.int32)
     out[:len(ids)] = ids
     return out
 
   def decode(self, ids) -> str:
+    """Text of `ids` up to the first EOS, without pad and BOS."""
     kept = []
     for i in np.asarray(ids).tolist():
       if i == self.eos_id:
@@ -58,8 +80,8 @@ class ByteTokenizer(_Tokenizer):
     return [b + self._OFFSET for b in text.encode("utf-8")]
 
   def _text(self, ids):
-    return bytes(i - self._OFFSET for i in ids if i >= self._OFFSET).decode(
-        "utf-8", errors="replace")
+    return bytes(i - self._OFFSET for i in ids
+                 if self._OFFSET <= i < self.vocab_size).decode("utf-8", errors="replace")
 
 
 class WordPieceTokenizer(_Tokenizer):
@@ -72,8 +94,11 @@ class WordPieceTokenizer(_Tokenizer):
     super().__init__(max_len)
     if not vocab_file or not os.path.isfile(vocab_file):
       raise ValueError(f"tokenizer.vocab_file={vocab_file!r} is not a readable file.")
-    with open(vocab_file, encoding="utf-8") as f:
-      pieces = [line.rstrip("\n") for line in f]
+    try:
+      with open(vocab_file, encoding="utf-8") as f:
+        pieces = [line.rstrip("\n") for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+      raise ValueError(f"tokenizer.vocab_file={vocab_file!r} cannot be read: {e}") from e
     self.vocab = {p: i for i, p in enumerate(pieces) if p}
     missing = [s for s in self._SPECIAL if s not in self.vocab]
     if missing:
@@ -84,12 +109,14 @@ class WordPieceTokenizer(_Tokenizer):
 
   @staticmethod
   def _words(text: str) -> list[str]:
+    """BERT's basic tokenizer: clean, lowercase, strip accents, split on spaces/punctuation/CJK."""
     text = unicodedata.normalize("NFD", text.lower())
-    text = "".join(c for c in text if unicodedata.category(c) != "Mn")
     words, current = [], []
     for c in text:
-      if c.isspace() or unicodedata.category(c).startswith("P") or (
-          c.isascii() and not c.isalnum()):
+      category = unicodedata.category(c)
+      if category == "Mn" or c == "\ufffd" or (category in ("Cc", "Cf") and not c.isspace()):
+        continue  # accents, replacement and control characters are dropped
+      if c.isspace() or _is_punctuation(c, category) or _is_cjk(c):
         if current:
           words.append("".join(current))
           current = []
@@ -126,11 +153,15 @@ class WordPieceTokenizer(_Tokenizer):
   def _text(self, ids):
     words = []
     for i in ids:
+      if not 0 <= i < len(self.pieces):
+        continue
       piece = self.pieces[i]
       if piece.startswith("##") and words:
         words[-1] += piece[2:]
+      elif piece in _NO_SPACE_BEFORE and words:
+        words[-1] += piece
       else:
-        words.append(piece)
+        words.append(piece.removeprefix("##"))
     return " ".join(words)
 
 

@@ -6,8 +6,10 @@ MEAN, STD = 0.5, 0.5  # per channel, on [0, 1] pixels: maps [0, 255] to [-1, 1]
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 in [-1, 1]."""
+  """uint8 [..., H, W, 3] -> float32 in [-1, 1]."""
   image = np.asarray(image)
-  if image.ndim != 3 or image.shape[-1] != 3:
+  if image.ndim < 3 or image.shape[-1] != 3:
     raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}.")
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image, got {image.dtype}.")
   return ((image.astype(np.float32) / 255.0) - MEAN) / STD
