@@ -125,14 +125,16 @@ def test_demo_loss_falls(tmp_path):
   assert last < 0.7 * first, (first, last)
 
 
-def _cli(*args):
+def _cli(*args, env=None):
   return subprocess.run([sys.executable, "-m", "dpvl.main", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, **(env or {})))
 
 
 def test_account_mode_reproduces_the_dpcap_row():
+  # JAX_PLATFORMS names a backend this machine lacks: any device use would fail the command.
   out = _cli("--config=configs/dpcap_laion233m.py", "--mode=account",
-             "--config.privacy.noise_multiplier=0.728")
+             "--config.privacy.noise_multiplier=0.728", env=dict(JAX_PLATFORMS="tpu"))
   assert out.returncode == 0, out.stderr
   summary = json.loads(out.stdout)
   assert summary["steps"] == 5_708 and summary["expected_batch_size"] == 1_310_720
