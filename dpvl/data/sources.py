@@ -4,6 +4,7 @@ A source is anything with `__len__` and `__getitem__(index) -> record dict` (gra
 `RandomAccessDataSource` protocol). To add one, register a builder taking `config.data`.
 """
 
+from dpvl.data import procedural
 from dpvl.data import synthetic
 
 
@@ -12,8 +13,14 @@ def _shape_scenes(cfg):
                                max_objects=getattr(cfg, "max_objects", 2))
 
 
+def _procedural(cfg):
+  return procedural.ProceduralImages(num_records=cfg.size, image_size=cfg.image_size,
+                                     seed=cfg.seed)
+
+
 REGISTRY = {
     "shape_scenes": _shape_scenes,
+    "procedural": _procedural,  # synthetic warm-start images, no captions or labels
 }
 
 
