@@ -8,6 +8,7 @@ def get_config():
   c.objective = "dpcap"
   c.seed = 0
   c.steps = 150
+  c.init_from = ""  # workdir of a non-private stage-1 run (e.g. on synthetic data) to start from
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "shape_scenes"

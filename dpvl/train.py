@@ -97,6 +97,36 @@ class Ledger:
     return entry
 
 
+def load_warm_start(workdir: str, abstract_params):
+  """Parameters of the run in `workdir` (latest checkpoint) for a warm start, and provenance.
+
+  Only a non-private run may seed a private one without composing budgets: this run's ledger
+  starts at zero, which is right only if stage 1 touched no private data (e.g. synthetic
+  images). A stage 1 that spent privacy budget is refused; its provenance (data source, steps)
+  is kept in this run's checkpoints.
+  """
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  if ckpt.latest_step() is None:
+    raise plan_lib.ConfigError(f"config.init_from={workdir!r} holds no checkpoint.")
+  stage1 = ckpt.restore_meta()["ledger"]
+  if stage1["private"] and stage1["steps_done"] > 0:
+    raise plan_lib.ConfigError(
+        f"config.init_from={workdir!r} was trained with DP for {stage1['steps_done']} steps "
+        f"(epsilon {stage1['epsilon_spent']}); a warm start must come from a non-private run "
+        "on public or synthetic data, or resume that run instead.")
+  params = ckpt.restore_state_arrays()["params"]
+  ckpt.close()
+  got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
+  want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), abstract_params)
+  if got != want:
+    raise plan_lib.ConfigError(
+        f"config.init_from={workdir!r} has parameters of another model than config.model.")
+  with open(os.path.join(workdir, "config.json")) as f:
+    source = json.load(f)["data"]["source"]
+  return params, dict(path=os.path.abspath(workdir), data_source=source,
+                      steps=stage1["steps_done"])
+
+
 def _none_if_inf(x: float):
   return x if math.isfinite(x) else None
 
@@ -155,6 +185,12 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     secret_seed = plan_lib.get_field(config, "privacy.seed", None)
     secret_seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
     meta = dict(secret_seed=secret_seed)
+    init_from = plan_lib.get_field(config, "init_from", None)
+    if init_from:
+      params, meta["init_from"] = load_warm_start(init_from, abstract["params"])
+      state = dict(state, params=jax.device_put(params, replicated))
+      log(f"parameters from {init_from} (stage 1: {meta['init_from']['data_source']}, "
+          "non-private); optimizer and ledger start fresh")
     start = 0
   else:
     state, meta = ckpt.restore(abstract)

@@ -153,3 +153,33 @@ def test_cli_bad_config_fails_with_one_sentence(override, field):
   out = _cli("--config=configs/dpcap_tiny.py", "--mode=account", override)
   assert out.returncode == 2
   assert field in out.stderr and "Traceback" not in out.stderr
+
+
+def test_stage2_starts_from_stage1_weights_with_a_fresh_ledger(tmp_path):
+  stage1 = small_dpcap_config(enabled=False)
+  stage1.steps = 3
+  train.run(stage1, str(tmp_path / "stage1"), log=lambda *_: None)
+  stage1_params, _ = _final_params(str(tmp_path / "stage1"))
+
+  stage2 = small_dpcap_config()
+  stage2.init_from = str(tmp_path / "stage1")
+  stage2.steps = 2
+  stage2.checkpoint_every = 1
+  entry = train.run(stage2, str(tmp_path / "stage2"), log=lambda *_: None)
+  assert entry["steps_done"] == 2
+  assert entry["epsilon_spent"] == pytest.approx(plan_lib.build_plan(stage2).epsilon(2))
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "stage2" / "checkpoints"))
+  first = ckpt.restore_state_arrays(step=1)
+  meta = ckpt.restore_meta(step=1)
+  ckpt.close()
+  assert meta["init_from"]["data_source"] == "shape_scenes" and meta["init_from"]["steps"] == 3
+  # Step 1 of stage 2 has learning rate 0 (warm-up starts at 0): parameters are stage 1's, and
+  # the optimizer state is fresh (count 1).
+  jax.tree.map(np.testing.assert_array_equal, first["params"], stage1_params)
+  assert int(jax.tree.leaves(first["opt_state"])[0]) == 1
+
+  # A private run cannot serve as a warm start (its budget would be forgotten).
+  stage3 = small_dpcap_config()
+  stage3.init_from = str(tmp_path / "stage2")
+  with pytest.raises(plan_lib.ConfigError, match="trained with DP"):
+    train.run(stage3, str(tmp_path / "stage3"), log=lambda *_: None)
