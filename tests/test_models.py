@@ -8,6 +8,9 @@ import pytest
 from conftest import small_dpcap_config
 from configs import dpcap_laion233m
 from dpvl.data import sources
+from dpvl.data import tokenizers
+from dpvl.models import vit as vit_lib
+from dpvl.models.captioner import Captioner
 from dpvl.models.text import TextDecoder
 from dpvl.models.vit import ViT
 from dpvl.objectives import build_objective
@@ -15,18 +18,53 @@ from dpvl.objectives import dpcap
 from dpvl.privacy import clipping
 
 
-def _vit(posemb):
-  return ViT(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, posemb=posemb)
+def _vit(posemb, **kw):
+  return ViT(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, posemb=posemb, **kw)
+
+
+def _leaf_paths(tree):
+  return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_vit_shapes():
+  model = _vit("sincos2d")
+  images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
+  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+  apply = jax.jit(model.apply, static_argnames="return_all_blocks")
+  out, blocks = apply({"params": params}, images, return_all_blocks=True)
+  assert out.shape == (3, 16, 16) and len(blocks) == 2
+  assert all(b.shape == (3, 16, 16) for b in blocks)
+  # `keep` selects patch tokens after the position embedding: keeping all in order is a no-op.
+  everything = jnp.broadcast_to(jnp.arange(16), (3, 16))
+  np.testing.assert_allclose(apply({"params": params}, images, keep=everything), out,
+                             atol=1e-5)
+  assert apply({"params": params}, images, keep=everything[:, :5]).shape == (3, 5, 16)
 
 
 @pytest.mark.parametrize("posemb, trained", [("sincos2d", False), ("learn", True)])
-def test_vit_shapes_and_position_embeddings(posemb, trained):
-  model = _vit(posemb)
-  images = jnp.ones((3, 16, 16, 3))
-  params = model.init(jax.random.key(0), images)["params"]
-  out, blocks = model.apply({"params": params}, images, return_all_blocks=True)
-  assert out.shape == (3, 16, 16) and len(blocks) == 2
-  assert ("pos_embedding" in params) == trained
+def test_position_embeddings_are_trained_only_when_learned(posemb, trained):
+  shapes = jax.eval_shape(_vit(posemb).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  assert any("pos_embedding" in p for p in _leaf_paths(shapes)) == trained
+  with pytest.raises(ValueError):
+    jax.eval_shape(_vit("none").init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_sincos2d_is_a_fixed_table():
+  table = vit_lib.sincos2d(3, 4, 8)
+  assert table.shape == (12, 8) and table.dtype == np.float32
+  np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)  # position (0, 0)
+  assert len({tuple(row) for row in np.round(table, 5)}) == 12  # every position differs
+  with pytest.raises(ValueError):
+    vit_lib.sincos2d(2, 2, 6)
+
+
+def test_qkv_bias_drops_only_the_query_key_value_biases():
+  images = jnp.zeros((1, 8, 8, 3))
+  paths = lambda model: _leaf_paths(jax.eval_shape(model.init, jax.random.key(0), images))
+  with_bias, without = paths(_vit("sincos2d")), paths(_vit("sincos2d", qkv_bias=False))
+  dropped = with_bias - without
+  assert without < with_bias and len(dropped) == 6  # query/key/value bias x 2 blocks
+  assert all(any(n in p for n in ("query", "key", "value")) and "bias" in p for p in dropped)
 
 
 def _decoder():
@@ -37,13 +75,30 @@ def test_decoder_is_causal_and_reads_the_memory():
   model = _decoder()
   tokens = jnp.array([[1, 5, 6, 7, 8, 9, 2, 0]])
   memory = jax.random.normal(jax.random.key(1), (1, 4, 16))
-  params = model.init(jax.random.key(0), tokens, memory)["params"]
-  base = model.apply({"params": params}, tokens, memory)
-  changed = model.apply({"params": params}, tokens.at[0, 4].set(11), memory)
-  np.testing.assert_allclose(base[0, :4], changed[0, :4], atol=1e-6)
-  assert not np.allclose(base[0, 4:], changed[0, 4:])
-  other_image = model.apply({"params": params}, tokens, memory + 1.0)
-  assert not np.allclose(base, other_image)
+  params = jax.jit(model.init)(jax.random.key(0), tokens, memory)["params"]
+  assert not any("bias" in p for p in _leaf_paths(params) if "norm" not in p)  # bias-free
+  apply = jax.jit(model.apply)
+  base = apply({"params": params}, tokens, memory)
+  assert base.shape == (1, 8, 20) and base.dtype == jnp.float32
+  for t in range(8):
+    changed = apply({"params": params}, tokens.at[0, t].set(11), memory)
+    np.testing.assert_allclose(base[0, :t], changed[0, :t], atol=1e-6)
+    assert not np.allclose(base[0, t:], changed[0, t:])
+  other_memory = apply({"params": params}, tokens, memory + 1.0)
+  assert not np.allclose(base, other_memory)
+  with pytest.raises(ValueError):
+    jax.eval_shape(model.apply, {"params": params}, jnp.zeros((1, 9), jnp.int32), memory)
+
+
+def test_captioner_bridges_the_widths():
+  model = Captioner(
+      encoder=dict(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, qkv_bias=False),
+      decoder=dict(vocab_size=20, max_len=6, width=24, depth=1, num_heads=2, mlp_dim=32))
+  images, tokens = jnp.zeros((2, 8, 8, 3)), jnp.zeros((2, 6), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+  assert params["bridge"]["kernel"].shape == (16, 24) and "bias" not in params["bridge"]
+  assert jax.eval_shape(model.apply, {"params": params}, images, tokens).shape == (2, 6, 20)
+  hash(model)  # hashable: a static argument of jit
 
 
 def test_masked_token_loss_ignores_padding():
@@ -56,32 +111,84 @@ def test_masked_token_loss_ignores_padding():
   # Garbage logits at padded positions change nothing.
   np.testing.assert_allclose(
       dpcap.masked_token_loss(logits.at[3:].set(100.0), targets, 0), got, rtol=1e-6)
+  # With eos_id, whatever follows the first EOS (2) is ignored, padding or not.
+  np.testing.assert_allclose(
+      dpcap.masked_token_loss(logits, jnp.array([3, 4, 2, 5, 6]), 0, eos_id=2), got, rtol=1e-6)
+  # No target at all: 0, not nan.
+  assert dpcap.masked_token_loss(logits, jnp.zeros(5, jnp.int32), 0, eos_id=2) == 0.0
 
 
 @pytest.fixture(scope="module")
 def small_objective():
   config = small_dpcap_config()
   objective = build_objective(config)
-  params = objective.init(jax.random.key(0))
+  params = jax.jit(objective.init)(jax.random.key(0))
   source = sources.build_source(config.data)
   examples = [objective.prepare(source[i]) for i in range(6)]
   batch = {k: jnp.stack([e[k] for e in examples]) for k in examples[0]}
   return config, objective, params, batch
 
 
-def test_dpcap_loss_is_finite_for_an_empty_caption(small_objective):
+def test_captioner_uses_the_image(small_objective):
   _, objective, params, batch = small_objective
+  tokens = jnp.broadcast_to(batch["tokens"][0, :-1], (2, batch["tokens"].shape[1] - 1))
+  logits = jax.jit(objective.model.apply)({"params": params}, batch["image"][:2], tokens)
+  assert logits.shape == (2, 47, 259) and logits.dtype == jnp.float32
+  # Same tokens, different images: different logits at every position (cross-attention).
+  assert np.all(np.abs(logits[0] - logits[1]).max(axis=-1) > 1e-5)
+
+
+def test_dpcap_prepare_matches_the_spec(small_objective):
+  _, objective, params, batch = small_objective
+  for name, spec in objective.example_spec.items():
+    assert batch[name].shape[1:] == spec.shape and batch[name].dtype == spec.dtype
+  assert -1.0 <= float(batch["image"].min()) and float(batch["image"].max()) <= 1.0
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  with pytest.raises(ValueError):
+    objective.prepare(dict(image=np.zeros((8, 8, 3), np.uint8), caption="a red ring"))
+
+
+def test_dpcap_loss_ignores_what_follows_the_caption(small_objective):
+  config, objective, params, batch = small_objective
+  tokenizer = tokenizers.build_tokenizer(config.tokenizer)
+  example = jax.tree.map(lambda x: x[0], batch)
+  tokens = np.asarray(example["tokens"])
+  end = int(np.argmax(tokens == tokenizer.eos_id))
+  assert 2 < end < len(tokens) - 3 and tokens[end + 1] == tokenizer.pad_id
+  loss = jax.jit(objective.per_example_loss)
+  rng = jax.random.key(0)
+  base = loss(params, example, rng)
+  garbage = tokens.copy()
+  garbage[end + 1:] = np.random.default_rng(0).integers(3, tokenizer.vocab_size,
+                                                        len(tokens) - end - 1)
+  np.testing.assert_allclose(loss(params, dict(example, tokens=garbage), rng), base, rtol=1e-6)
+  for length in (end + 1, end + 3):  # less padding (or none): the same loss
+    np.testing.assert_allclose(loss(params, dict(example, tokens=tokens[:length]), rng), base,
+                               rtol=1e-5)
+  # The caption itself does count.
+  edited = tokens.copy()
+  edited[end - 1] = tokens[end - 1] + 1
+  assert not np.isclose(loss(params, dict(example, tokens=edited), rng), base)
+
+
+def test_dpcap_loss_is_finite_for_an_empty_caption(small_objective):
+  config, objective, params, _ = small_objective
+  tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   record = dict(image=np.zeros((16, 16, 3), np.uint8), caption="")
   example = objective.prepare(record)
-  loss = objective.per_example_loss(params, example, jax.random.key(0))
-  assert np.isfinite(loss)
+  assert list(example["tokens"][:3]) == [tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id]
+  loss, grads = jax.jit(jax.value_and_grad(objective.per_example_loss))(
+      params, example, jax.random.key(0))
+  assert np.isfinite(loss) and loss > 0
+  assert np.isfinite(float(clipping.global_norms(jax.tree.map(lambda g: g[None], grads))[0]))
 
 
 def test_dpcap_per_example_grads_match_a_loop(small_objective):
   _, objective, params, batch = small_objective
   rngs = jax.random.split(jax.random.key(0), 6)
-  losses, grads = jax.jit(jax.vmap(jax.value_and_grad(objective.per_example_loss),
-                                   in_axes=(None, 0, 0)))(params, batch, rngs)
+  vmapped = jax.jit(jax.vmap(jax.value_and_grad(objective.per_example_loss),
+                             in_axes=(None, 0, 0)))
+  losses, grads = vmapped(params, batch, rngs)
   single = jax.jit(jax.value_and_grad(objective.per_example_loss))
   for i in range(6):
     example = jax.tree.map(lambda x: x[i], batch)
@@ -91,18 +198,48 @@ def test_dpcap_per_example_grads_match_a_loop(small_objective):
                  grads, grad)
   # One example's gradient depends on that example only.
   shifted = jax.tree.map(lambda x: x.at[1].set(x[2]), batch)
-  grads_shifted = jax.jit(jax.vmap(jax.grad(objective.per_example_loss),
-                                   in_axes=(None, 0, 0)))(params, shifted, rngs)
+  _, grads_shifted = vmapped(params, shifted, rngs)
   others = np.array([0, 3, 4, 5])
   np.testing.assert_allclose(np.asarray(clipping.global_norms(grads_shifted))[others],
                              np.asarray(clipping.global_norms(grads))[others], rtol=1e-5)
 
 
-def test_greedy_decode_shapes(small_objective):
+def test_dpcap_bfloat16_activations_keep_a_float32_loss():
+  config = small_dpcap_config()
+  config.model.dtype = "bfloat16"
+  objective = build_objective(config)
+  params = jax.jit(objective.init)(jax.random.key(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  source = sources.build_source(config.data)
+  example = objective.prepare(source[0])
+  loss, grads = jax.jit(jax.value_and_grad(objective.per_example_loss))(
+      params, example, jax.random.key(0))
+  assert loss.dtype == jnp.float32 and np.isfinite(loss)
+  assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  # Close to the float32 model's loss at the same parameters.
+  f32 = jax.jit(build_objective(small_dpcap_config()).per_example_loss)(params, example, None)
+  np.testing.assert_allclose(loss, f32, rtol=0.05)
+
+
+def test_greedy_decode(small_objective):
   config, objective, params, _ = small_objective
+  tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   images = np.stack([sources.build_source(config.data)[i]["image"] for i in range(2)])
   captions = dpcap.caption_images(objective, params, images, config)
   assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+  # A decoder forced to say EOS at once: BOS, EOS, then padding only.
+  text = dict(params["text"])
+  text["norm"] = dict(scale=jnp.zeros_like(text["norm"]["scale"]),
+                      bias=jnp.zeros_like(text["norm"]["bias"]).at[0].set(1.0))
+  head = jnp.zeros_like(text["head"]["kernel"]).at[0, tokenizer.eos_id].set(1.0)
+  text["head"] = dict(kernel=head)
+  forced = dict(params, text=text)
+  x = jnp.zeros((2, 16, 16, 3))
+  ids = jax.jit(dpcap.greedy_decode, static_argnums=(0, 3, 4, 5, 6))(
+      objective.model, forced, x, 10, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+  assert ids.shape == (2, 10) and ids.dtype == jnp.int32
+  np.testing.assert_array_equal(ids[:, :2], [[tokenizer.bos_id, tokenizer.eos_id]] * 2)
+  assert np.all(np.asarray(ids[:, 2:]) == tokenizer.pad_id)
 
 
 def test_paper_captioner_builds_at_full_size(tmp_path):
@@ -112,12 +249,18 @@ def test_paper_captioner_builds_at_full_size(tmp_path):
                              [f"w{i}" for i in range(30_522 - 4)]) + "\n")
   config.tokenizer.vocab_file = str(vocab)
   objective = build_objective(config)
-  shapes = jax.eval_shape(objective.init, jax.random.key(0))
-  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-  encoder = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["vit"]))
-  assert 85e6 < encoder < 87e6  # ViT-B/16
+  shapes = jax.eval_shape(objective.init, jax.random.key(0))  # nothing is allocated
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  count, encoder, decoder = size(shapes), size(shapes["vit"]), size(shapes["text"])
+  print(f"DP-Cap paper captioner: {count:,} parameters (ViT-B/16 {encoder:,}, "
+        f"bridge {size(shapes['bridge']):,}, decoder {decoder:,})")
+  assert 85e6 < encoder < 87e6  # ViT-B/16 without the class token and head
+  attention = shapes["vit"]["block0"]["attention"]
+  assert "bias" not in attention["query"] and "bias" in attention["out"]  # qkv_bias=False
+  assert shapes["text"]["head"]["kernel"].shape == (768, 30_522)
+  assert shapes["text"]["pos_embedding"].shape == (39, 768)
   assert 150e6 < count < 200e6
-  loss = jax.eval_shape(objective.per_example_loss, shapes,
-                        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                     objective.example_spec), jax.random.key(0))
-  assert loss.shape == ()
+  example = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), objective.example_spec)
+  assert example["image"].shape == (224, 224, 3) and example["tokens"].shape == (40,)
+  loss = jax.eval_shape(objective.per_example_loss, shapes, example, jax.random.key(0))
+  assert loss.shape == () and loss.dtype == jnp.float32

@@ -1,31 +1,42 @@
-"""Causal text decoder with cross-attention to a memory of image tokens (DP-Cap's decoder)."""
+"""Causal text decoder with cross-attention to a memory of image tokens (DP-Cap's decoder).
+
+Pre-LN blocks: causal self-attention, cross-attention to the memory, GELU MLP. Linear layers are
+bias-free by default (DP-Cap). Activations use `dtype`; the logits head runs in float32.
+"""
 
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dpvl.models.vit import Attention
 from dpvl.models.vit import Mlp
 
 
 class DecoderBlock(nn.Module):
+  """x + causal MHSA(LN(x)); x + cross-attention(LN(x), memory); x + MLP(LN(x))."""
+
   num_heads: int
   mlp_dim: int
   use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, memory, causal_mask):
-    attention = lambda name: nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, use_bias=self.use_bias, dtype=self.dtype, name=name)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    x = x + attention("self_attention")(y, y, mask=causal_mask)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    x = x + attention("cross_attention")(y, memory)
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    return x + Mlp(self.mlp_dim, use_bias=self.use_bias, dtype=self.dtype)(y)
+  def __call__(self, x, memory):
+    attention = lambda name, causal: Attention(
+        self.num_heads, qkv_bias=self.use_bias, out_bias=self.use_bias, causal=causal,
+        dtype=self.dtype, name=name)
+    y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
+    x = x + attention("self_attention", True)(y)
+    y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
+    x = x + attention("cross_attention", False)(y, memory)
+    y = nn.LayerNorm(dtype=self.dtype, name="norm3")(x)
+    return x + Mlp(self.mlp_dim, use_bias=self.use_bias, dtype=self.dtype, name="mlp")(y)
 
 
 class TextDecoder(nn.Module):
-  """tokens [B, L], memory [B, T, width] -> logits [B, L, vocab_size] (position t sees <= t)."""
+  """tokens [B, L], memory [B, T, D] -> float32 logits [B, L, vocab_size].
+
+  Position t attends to tokens <= t only, and to every memory token. L <= max_len.
+  """
 
   vocab_size: int
   max_len: int
@@ -41,14 +52,14 @@ class TextDecoder(nn.Module):
     length = tokens.shape[1]
     if length > self.max_len:
       raise ValueError(f"{length} tokens exceed the decoder's max_len {self.max_len}.")
-    embed = nn.Embed(self.vocab_size, self.width, name="token_embedding")
-    x = embed(tokens).astype(self.dtype)
+    x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
     pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.width))
-    x = x + pos[:length].astype(self.dtype)[None]
-    causal = nn.make_causal_mask(tokens)
+    x = (x + pos[None, :length]).astype(self.dtype)
+    memory = memory.astype(self.dtype)
     for i in range(self.depth):
       x = DecoderBlock(self.num_heads, self.mlp_dim, self.use_bias, self.dtype,
-                       name=f"block{i}")(x, memory.astype(self.dtype), causal)
+                       name=f"block{i}")(x, memory)
     x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
-    return nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=self.dtype,
-                    name="head")(x)
+    # Logits in float32: bfloat16 logits would round the loss's inputs to ~3 significant digits.
+    return nn.Dense(self.vocab_size, use_bias=self.use_bias, dtype=jnp.float32,
+                    name="head")(x.astype(jnp.float32))

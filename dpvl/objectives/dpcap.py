@@ -1,7 +1,9 @@
 """DP-Cap: image captioning as a private pretraining objective (Sander et al., 2024).
 
 The privacy unit is one image-caption pair, and its loss is the mean next-token cross-entropy
-over the caption's real target tokens (padding ignored): one loss per pair, whatever its length.
+over the caption's target tokens up to its first EOS (padding and anything after EOS ignored):
+one loss per pair, whatever its length. Activations use `config.model.dtype`; parameters, logits
+and the loss are float32.
 """
 
 import functools
@@ -16,15 +18,33 @@ from dpvl.models.captioner import Captioner
 from dpvl.objectives import Objective
 
 
-def masked_token_loss(logits, targets, pad_id: int):
-  """Mean cross-entropy of `targets` [L] under `logits` [L, V] over non-pad targets (float32)."""
+def target_weights(targets, pad_id: int, eos_id: int | None = None):
+  """float32 [L]: 1 on the targets that count, 0 on the others.
+
+  A target counts when it is not padding and, given `eos_id`, no EOS comes before it (the first
+  EOS itself counts): whatever follows the end of the caption is ignored.
+  """
+  keep = targets != pad_id
+  if eos_id is not None:
+    is_eos = targets == eos_id
+    eos_before = (jnp.cumsum(is_eos) - is_eos) > 0
+    keep = (keep | is_eos) & ~eos_before
+  return keep.astype(jnp.float32)
+
+
+def masked_token_loss(logits, targets, pad_id: int, eos_id: int | None = None):
+  """Mean cross-entropy of `targets` [L] under `logits` [L, V] over the counted targets.
+
+  See `target_weights`. Computed in float32; 0 when no target counts (never nan).
+  """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-  weights = (targets != pad_id).astype(jnp.float32)
+  weights = target_weights(targets, pad_id, eos_id)
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def model_from_config(config, vocab_size: int) -> Captioner:
+  """The captioner of `config.model`; the decoder reads max_len - 1 input tokens."""
   dec = dict(config.model.decoder)
   return Captioner(
       encoder=dict(config.model.encoder),
@@ -33,6 +53,7 @@ def model_from_config(config, vocab_size: int) -> Captioner:
 
 
 def build(config) -> Objective:
+  """DP-Cap: per-example mean next-token cross-entropy of a caption given its image."""
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   model = model_from_config(config, tokenizer.vocab_size)
   size, length = config.data.image_size, config.tokenizer.max_len
@@ -51,36 +72,53 @@ def build(config) -> Objective:
     caption = record["caption"]
     if not isinstance(caption, (str, bytes)):
       raise ValueError(f"caption must be text, got {type(caption).__name__}.")
-    return dict(image=transforms.normalize_image(record["image"]),
-                tokens=tokenizer.encode(caption))
+    image = transforms.normalize_image(record["image"])
+    if image.shape != (size, size, 3):
+      raise ValueError(f"expected a [{size}, {size}, 3] image (config.data.image_size), got "
+                       f"shape {image.shape}.")
+    return dict(image=image, tokens=tokenizer.encode(caption))
 
   def per_example_loss(params, example, rng):
+    """Loss of ONE example: image [S, S, 3], tokens [L] (BOS, ..., EOS, pad...)."""
     del rng  # deterministic
     tokens = example["tokens"]
     logits = model.apply({"params": params}, example["image"][None], tokens[None, :-1])[0]
-    return masked_token_loss(logits, tokens[1:], tokenizer.pad_id)
+    return masked_token_loss(logits, tokens[1:], tokenizer.pad_id, tokenizer.eos_id)
 
   return Objective(name="dpcap", init=init, per_example_loss=per_example_loss,
                    prepare=prepare, example_spec=spec, model=model)
 
 
-def greedy_decode(model: Captioner, params, images, length: int, bos_id: int):
-  """Greedy captions [B, length] (starting with BOS) for images [B, H, W, 3]."""
+def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,
+                  eos_id: int | None = None, pad_id: int = 0):
+  """Greedy captions int32 [B, max_len] for images [B, H, W, 3]: BOS, tokens, EOS, pad.
+
+  A fixed-length loop (jit-able, no cache: the decoder reruns on the whole prefix each step).
+  With `eos_id`, every token after a caption's first EOS is `pad_id`. `max_len` is at most the
+  tokenizer's max_len (the decoder reads max_len - 1 tokens).
+  """
   memory = model.apply({"params": params}, images, method=Captioner.encode_images)
-  tokens = jnp.zeros((images.shape[0], length), jnp.int32).at[:, 0].set(bos_id)
+  tokens = jnp.full((images.shape[0], max_len), pad_id, jnp.int32).at[:, 0].set(bos_id)
+  done = jnp.zeros((images.shape[0],), bool)
 
-  def body(t, tokens):
+  def body(t, carry):
+    tokens, done = carry
     logits = model.apply({"params": params}, tokens[:, :-1], memory, method=Captioner.decode)
-    return tokens.at[:, t + 1].set(jnp.argmax(logits[:, t], axis=-1).astype(jnp.int32))
+    next_token = jnp.argmax(logits[:, t], axis=-1).astype(jnp.int32)
+    tokens = tokens.at[:, t + 1].set(jnp.where(done, pad_id, next_token))
+    if eos_id is not None:
+      done = done | (next_token == eos_id)
+    return tokens, done
 
-  return jax.lax.fori_loop(0, length - 1, body, tokens)
+  return jax.lax.fori_loop(0, max_len - 1, body, (tokens, done))[0]
 
 
 def caption_images(objective: Objective, params, images: np.ndarray, config) -> list[str]:
   """Greedy captions (text) for uint8 images [B, H, W, 3]."""
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   x = np.stack([transforms.normalize_image(im) for im in images])
-  decode = jax.jit(functools.partial(greedy_decode, objective.model,
-                                     length=config.tokenizer.max_len, bos_id=tokenizer.bos_id))
+  decode = jax.jit(functools.partial(
+      greedy_decode, objective.model, max_len=config.tokenizer.max_len,
+      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
   ids = decode(params, x)
   return [tokenizer.decode(row) for row in np.asarray(ids)]
