@@ -51,8 +51,7 @@ def make_train_step(loss_fn, optimizer, plan: plan_lib.PrivacyPlan):
 
   def step(state, batch, mask, example_key, noise_key):
     t = state["step"]
-    rngs = jax.random.split(jax.random.fold_in(example_key, t), mask.size).reshape(
-        *mask.shape, -1)
+    rngs = jax.random.split(jax.random.fold_in(example_key, t), mask.shape)
     grad, metrics = dpsgd.private_gradient(
         loss_fn, state["params"], batch, mask, rngs, noise.step_key(noise_key, t),
         clip_norm=plan.clip_norm, noise_std=plan.noise_std,

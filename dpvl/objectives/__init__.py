@@ -12,6 +12,7 @@ import jax
 
 REGISTRY = {
     "dpcap": "dpvl.objectives.dpcap",
+    "vip_mae": "dpvl.objectives.vip_mae",
 }
 
 

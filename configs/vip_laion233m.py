@@ -1,0 +1,41 @@
+"""ViP paper recipe (Yu et al., 2023): ViT-B/16 MAE, DP-SGD on 233M LAION images.
+
+  python -m dpvl.main --config=configs/vip_laion233m.py --mode=account \\
+      --config.privacy.noise_multiplier=0.48       # the paper's sigma: RDP epsilon 8.0
+
+Expected batch 98,304, C = 0.1, 6,000 steps, target epsilon 8, delta = 1/(2N); AdamW
+(0.9, 0.95), weight decay 0.005, lr = 1.5e-4 * B / 256, 1,000 warm-up steps, cosine; decoder
+512 wide, 4 blocks, 16 heads; mask ratio 0.75. Start from a stage-1 synthetic run
+(`config.init_from`).
+"""
+
+import ml_collections
+
+from configs import vip_tiny
+
+N = 233_000_000
+
+
+def get_config():
+  c = vip_tiny.get_config()
+  c.steps = 6_000
+  c.data.source = "shape_scenes"  # replaced by the LAION source at scale
+  c.data.size = N
+  c.data.image_size = 224
+  c.model = ml_collections.ConfigDict(dict(
+      dtype="bfloat16", mask_ratio=0.75, norm_pix_loss=True,
+      encoder=dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+                   qkv_bias=True, posemb="sincos2d"),
+      decoder=dict(width=512, depth=4, num_heads=16, mlp_dim=2048)))
+  c.batch.expected_size = 98_304
+  c.batch.microbatch_size = 4_096
+  c.privacy.clip_norm = 0.1
+  c.privacy.target_epsilon = 8.0
+  c.privacy.delta = 1 / (2 * N)
+  c.privacy.accountant = "rdp"  # the paper's accountant; PLD gives 6.83 at sigma 0.48
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1.5e-4 * 98_304 / 256, b1=0.9, b2=0.95, weight_decay=0.005,
+      warmup_steps=1_000, schedule="cosine"))
+  c.log_every = 10
+  c.checkpoint_every = 100
+  return c

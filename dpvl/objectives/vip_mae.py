@@ -1,0 +1,72 @@
+"""ViP-MAE: masked-autoencoder pretraining as a private objective (Yu et al., 2023).
+
+The privacy unit is one image. Its mask is drawn *inside* the per-example loss from that
+example's own key, so the clipped gradient of one example depends on that example only; the
+loss is the MSE on the masked patches only (optionally on per-patch normalised pixels).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from dpvl.data import transforms
+from dpvl.models.mae import MaskedAutoencoder
+from dpvl.models.mae import patchify
+from dpvl.objectives import Objective
+
+
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+  """Patches kept visible: round((1 - ratio) * T), at least 1."""
+  return max(1, int(round(num_patches * (1.0 - mask_ratio))))
+
+
+def random_keep(rng, num_patches: int, visible: int):
+  """Indices of `visible` distinct patches chosen uniformly at random (sorted)."""
+  return jnp.sort(jax.random.permutation(rng, num_patches)[:visible])
+
+
+def masked_patch_loss(pred, target, keep, norm_pix: bool = False):
+  """Mean over masked patches of the per-patch MSE; pred, target [T, P], keep [K]."""
+  if norm_pix:
+    mean = target.mean(-1, keepdims=True)
+    var = target.var(-1, keepdims=True)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  masked = jnp.ones(target.shape[0], jnp.float32).at[keep].set(0.0)
+  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+  return jnp.sum(per_patch * masked) / jnp.maximum(jnp.sum(masked), 1.0)
+
+
+def build(config) -> Objective:
+  size = config.data.image_size
+  p = config.model.encoder.patch_size
+  if size % p:
+    raise ValueError(f"config.data.image_size={size} is not a multiple of "
+                     f"config.model.encoder.patch_size={p}.")
+  ratio = float(config.model.mask_ratio)
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f"config.model.mask_ratio must be in [0, 1), got {ratio}.")
+  model = MaskedAutoencoder(encoder=dict(config.model.encoder),
+                            decoder=dict(config.model.decoder), dtype=jnp.dtype(config.model.dtype))
+  num_patches = (size // p) ** 2
+  visible = num_visible(num_patches, ratio)
+  norm_pix = bool(config.model.get("norm_pix_loss", False))
+  spec = dict(image=jax.ShapeDtypeStruct((size, size, 3), jnp.float32))
+
+  def init(rng):
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    return model.init(rng, images, jnp.zeros((1, visible), jnp.int32))["params"]
+
+  def prepare(record):
+    image = transforms.normalize_image(record["image"])
+    if image.shape != (size, size, 3):
+      raise ValueError(f"expected a [{size}, {size}, 3] image (config.data.image_size), got "
+                       f"shape {image.shape}.")
+    return dict(image=image)
+
+  def per_example_loss(params, example, rng):
+    keep = random_keep(rng, num_patches, visible)
+    pred = model.apply({"params": params}, example["image"][None], keep[None])[0]
+    target = patchify(example["image"][None], p)[0]
+    return masked_patch_loss(pred, target, keep, norm_pix)
+
+  return Objective(name="vip_mae", init=init, per_example_loss=per_example_loss,
+                   prepare=prepare, example_spec=spec, model=model)
