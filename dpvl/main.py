@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from dpvl import objectives
@@ -46,6 +47,8 @@ def check_config(config) -> None:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # libraries' INFO logs would bury the progress lines
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   try:
     check_config(config)
