@@ -21,6 +21,7 @@ setup(
         "scipy>=1.11,<2",
         "pillow>=10,<14",
         "absl-py>=2.1,<3",
+        "tensorboardX>=2.6,<3",
     ],
     extras_require={
         "dev": ["pytest>=8,<10"],

@@ -3,6 +3,7 @@
 import ml_collections
 
 from configs import dpcap_tiny
+from configs import evals
 
 
 def get_config():
@@ -17,4 +18,8 @@ def get_config():
       decoder=dict(width=64, depth=1, num_heads=4, mlp_dim=128)))
   c.privacy.clip_norm = 0.1
   c.optimizer.learning_rate = 2e-3
+  # ViP's probe (last blocks pooled) and the plain last layer, before, during and after.
+  c.evals = ml_collections.ConfigDict(dict(
+      probe=evals.shape_probe(blocks=c.model.encoder.depth, every=50),
+      probe_last=evals.shape_probe(blocks=0, every=50)))
   return c

@@ -5,7 +5,8 @@
       --config.privacy.target_epsilon=4
 
 --mode=train (default) trains, resuming from the workdir's last checkpoint; --mode=account
-prints the privacy plan as one JSON object and touches no data and no device.
+prints the privacy plan as one JSON object and touches no data and no device; --mode=eval runs
+`config.evals` on the workdir's latest checkpoint (or --step) and prints the metrics as JSON.
 """
 
 import json
@@ -24,7 +25,8 @@ from dpvl.privacy import plan as plan_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, ledger, metrics).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "account"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval"], "What to do.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: latest).")
 _FORCE = flags.DEFINE_bool("force_resume", False,
                            "Resume even if the privacy plan changed (the ledger composes both).")
 
@@ -56,7 +58,10 @@ def main(argv):
       print(json.dumps(plan_lib.build_plan(config).summary(), indent=2))
       return
     if not _WORKDIR.value:
-      raise plan_lib.ConfigError("--workdir is required for --mode=train.")
+      raise plan_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}.")
+    if _MODE.value == "eval":
+      print(json.dumps(train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
+      return
     train.run(config, _WORKDIR.value, force_resume=_FORCE.value)
   except (plan_lib.ConfigError, train.ResumeError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -3,7 +3,8 @@
 Workdir layout:
   config.json      the resolved config
   privacy.json     the ledger: the plan, steps done, epsilon spent (rewritten as the run goes)
-  metrics.jsonl    one JSON object per logged step
+  metrics.jsonl    one JSON object per logged step, and one per evaluation (`config.evals`)
+  tensorboard/     the same numbers as TensorBoard scalars
   checkpoints/     orbax: train state, seeds, ledger
 """
 
@@ -22,6 +23,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dpvl import checkpoint as checkpoint_lib
+from dpvl import evaluate
+from dpvl import metrics as metrics_lib
 from dpvl.data import loader as loader_lib
 from dpvl.data import sources
 from dpvl.objectives import build_objective
@@ -126,6 +129,36 @@ def load_warm_start(workdir: str, abstract_params):
                       steps=stage1["steps_done"])
 
 
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
+  """Runs `config.evals` on the parameters of `workdir`'s checkpoint at `step` (default: the
+  latest); appends the row (marked `"standalone": true`) to its metrics and returns it."""
+  try:
+    objective = build_objective(config)
+  except ValueError as e:
+    raise plan_lib.ConfigError(str(e)) from None
+  evaluators = evaluate.build_evaluators(config, objective)
+  if not evaluators:
+    raise plan_lib.ConfigError("config.evals names no evaluator.")
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step() if step is None else step
+  if step is None or step not in ckpt.all_steps():
+    raise plan_lib.ConfigError(f"{workdir} holds no checkpoint"
+                               + ("" if step is None else f" at step {step}") + ".")
+  params = ckpt.restore_state_arrays(step)["params"]
+  ckpt.close()
+  want = jax.eval_shape(objective.init, jax.random.key(0))
+  if jax.tree.structure(params) != jax.tree.structure(want):
+    raise plan_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "
+                               "config.model.")
+  row = dict(step=step, standalone=True)
+  for evaluator in evaluators:
+    row.update(evaluator(params))
+  writer = metrics_lib.MetricsWriter(workdir)
+  writer.write(row)
+  writer.close()
+  return row
+
+
 def _none_if_inf(x: float):
   return x if math.isfinite(x) else None
 
@@ -142,6 +175,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     source = sources.build_source(config.data)
   except ValueError as e:  # bad model, tokenizer or data fields: one sentence, no traceback
     raise plan_lib.ConfigError(str(e)) from None
+  evaluators = evaluate.build_evaluators(config, objective)
   if len(source) != plan.dataset_size:
     raise plan_lib.ConfigError(
         f"config.data.size={plan.dataset_size} but the source holds {len(source)} records.")
@@ -212,7 +246,21 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   train_step = jax.jit(make_train_step(objective.per_example_loss, optimizer, plan),
                        donate_argnums=0)
 
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  writer = metrics_lib.MetricsWriter(workdir)
+
+  def run_evals(step: int):
+    due = [e for e in evaluators if evaluate.is_due(e, step, plan.steps)]
+    if not due:
+      return
+    t = time.time()
+    row = dict(step=step)
+    for evaluator in due:
+      row.update(evaluator(state["params"]))
+    row["eval_seconds"] = round(time.time() - t, 3)
+    writer.write(row)
+    log(f"eval   {step:>6}/{plan.steps}  " + "  ".join(
+        f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "eval_seconds")))
+
   log(f"{'private' if plan.enabled else 'NON-PRIVATE'} run: N={plan.dataset_size} "
       f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} C={plan.clip_norm} "
       f"steps={plan.steps} capacity={plan.capacity} "
@@ -226,6 +274,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   t0 = time.time()
   skipped_total, truncated_total = {}, 0
   pending = prefetcher.submit(fetch, start) if start < plan.steps else None
+  if start == 0 < plan.steps:
+    run_evals(0)  # the untrained (or warm-started) encoder: the baseline of every eval
   window = []
   for step in range(start, plan.steps):
     selection, batch = pending.result()
@@ -249,12 +299,13 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
                  **{k: float(window[-1][k]) for k in ("clipped_fraction", "grad_norm_mean")
                     if k in window[-1]})
       window = []
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      writer.write(row)
       log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  epsilon "
           f"{eps:.3f}  examples {row['examples']}  {row['seconds']:.1f}s")
     if done % config.checkpoint_every == 0 and done != plan.steps:
       save(done, "running")
+    if done < plan.steps:
+      run_evals(done)
 
   prefetcher.shutdown(wait=False)
   final = int(state["step"])
@@ -266,6 +317,9 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     status = "completed"
   save(final, status)
   ckpt.close()
+  if start < final:
+    run_evals(final)  # after the final checkpoint: an evaluation never costs training work
+  writer.close()
   if skipped_total:
     log(f"skipped records: {skipped_total}")
   entry = meta["ledger"]

@@ -99,6 +99,16 @@ def test_labels_are_balanced():
   counts = collections.Counter(labels)
   assert set(counts) == set(range(synthetic.num_classes)) == set(range(len(synthetic.SHAPES)))
   assert min(counts.values()) > 2_000 / synthetic.num_classes * 0.75
+  # The other attribute labels name the first object's attributes, as the caption does.
+  for i in range(20):
+    r = scenes[i]
+    first = r["caption"].split(",")[0].split()
+    assert first[1] == tuple(synthetic.SIZES)[r["size_label"]]
+    assert first[2] == tuple(synthetic.COLOURS)[r["colour_label"]]
+    assert first[3] == synthetic.SHAPES[r["label"]]
+    position = tuple(synthetic.POSITIONS)[r["position_label"]]
+    assert r["caption"].split(",")[0].endswith(
+        "in the centre" if position == "centre" else position)
 
 
 def _byte(max_len):

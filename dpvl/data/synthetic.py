@@ -124,8 +124,9 @@ def render(scene: Scene, image_size: int) -> np.ndarray:
 class ShapeScenes:
   """Random-access source (grain `RandomAccessDataSource` protocol) of captioned scenes.
 
-  Records: `image` uint8 [S, S, 3], `caption` str, `label` (the first object's shape class,
-  an index into `SHAPES`, for linear probes), `index`.
+  Records: `image` uint8 [S, S, 3], `caption` str, `index`, and the first object's attributes
+  as class indices, for linear probes: `label` (shape, into `SHAPES`), `colour_label`,
+  `size_label` and `position_label` (into `COLOURS`, `SIZES`, `POSITIONS`).
   """
 
   def __init__(self, num_records: int, image_size: int = 32, seed: int = 0,
@@ -151,8 +152,11 @@ class ShapeScenes:
     if not 0 <= index < self._n:
       raise IndexError(f"index {index} out of range for {self._n} records.")
     scene = scene_spec(self._seed, index, self._max_objects)
-    return dict(image=render(scene, self._size), caption=caption(scene.objects),
-                label=SHAPES.index(scene.objects[0].shape), index=index)
+    first = scene.objects[0]
+    return dict(image=render(scene, self._size), caption=caption(scene.objects), index=index,
+                label=SHAPES.index(first.shape), colour_label=_COLOUR_NAMES.index(first.colour),
+                size_label=_SIZE_NAMES.index(first.size),
+                position_label=_POSITION_NAMES.index(first.position))
 
   def __repr__(self) -> str:
     return (f"ShapeScenes(num_records={self._n}, image_size={self._size}, seed={self._seed}, "

@@ -1,8 +1,20 @@
 """Linear probe: a linear classifier trained on frozen features, scored by top-1 accuracy.
 
 Features are computed once (the encoder is frozen), standardised with statistics of the probe's
-own training split (a public, labelled evaluation set, never the private pretraining data), and
-a softmax-regression layer is fit with optax AdamW on mini-batches.
+own training split (a public, labelled evaluation set, never the private pretraining data; this
+is ViP's non-affine BatchNorm at test time), and a softmax-regression layer is fit with optax
+AdamW on mini-batches.
+
+Config (`config.evals.<name>`, type "linear_probe"):
+  data: a data config (`source`, `size`, ...) of any labelled source the data layer reads;
+    records need `image` (uint8 [H, W, 3], resized and centre-cropped to the encoder's size)
+    and an integer label under `label_key` (default "label"). Records that fail are skipped
+    and counted.
+  train_size, test_size: the first `train_size` records train the probe, the next
+    `test_size` test it.
+  blocks: k >= 1: mean-pooled tokens of the last k blocks, concatenated (ViP); 0: the plain
+    last layer (mean-pooled tokens after the final LayerNorm).
+  num_classes (default: largest label + 1), steps, batch_size, learning_rate, weight_decay.
 """
 
 import dataclasses
@@ -11,6 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from dpvl.data import sources
+from dpvl.data import transforms
+from dpvl.privacy.plan import ConfigError
+from dpvl.privacy.plan import get_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,3 +84,74 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
   accuracy = lambda x, y: float(np.mean(np.argmax(logits(params, x), -1) == y))
   return ProbeResult(accuracy(train_x, train_y), accuracy(test_x, test_y), len(train_x),
                      len(test_x), num_classes)
+
+
+def encoder_features(tokens, blocks_out, k: int) -> jax.Array:
+  """The probe's features: last k blocks pooled (k >= 1) or the final normed tokens (k = 0)."""
+  return jnp.mean(tokens, axis=1) if k == 0 else mean_pooled_blocks(blocks_out, k)
+
+
+def load_labelled(source, count: int, image_size: int, label_key: str = "label"):
+  """The first `count` usable records as (normalised images [n, S, S, 3], labels [n]) and the
+  number of records skipped per reason; reads further records to replace skipped ones."""
+  images, labels, skipped = [], [], {}
+  index = 0
+  while len(images) < count and index < len(source):
+    try:
+      record = source[index]
+      label = int(record[label_key])
+      image = transforms.normalize_image(
+          transforms.resize_center_crop(record["image"], image_size))
+    except (KeyError, TypeError, ValueError, OSError) as e:
+      reason = type(e).__name__
+      skipped[reason] = skipped.get(reason, 0) + 1
+    else:
+      images.append(image)
+      labels.append(label)
+    index += 1
+  if len(images) < count:
+    raise ValueError(f"the labelled source holds {len(images)} usable records, {count} needed "
+                     f"(skipped: {skipped}).")
+  return np.stack(images), np.asarray(labels, np.int32), skipped
+
+
+def build(config, name: str, objective):
+  """params -> {top1, train_top1, skipped}: the probe of `config.evals.<name>`."""
+  field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
+  k = int(field("blocks", 0))
+  depth = int(config.model.encoder.depth)
+  if not 0 <= k <= depth:
+    raise ConfigError(f"config.evals.{name}.blocks={k} must be in [0, {depth}] "
+                      "(config.model.encoder.depth).")
+  n_train, n_test = int(field("train_size")), int(field("test_size"))
+  if n_train < 1 or n_test < 1:
+    raise ConfigError(f"config.evals.{name}.train_size and test_size must be positive.")
+  try:
+    source = sources.build_source(field("data"))
+    images, labels, skipped = load_labelled(source, n_train + n_test, objective.image_size,
+                                            field("label_key", "label"))
+  except ValueError as e:
+    raise ConfigError(f"config.evals.{name}.data: {e}") from None
+  num_classes = int(field("num_classes", 0) or labels.max() + 1)
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ConfigError(f"config.evals.{name}: labels must lie in [0, {num_classes}).")
+  options = dict(steps=int(field("steps", 500)), batch_size=int(field("batch_size", 256)),
+                 learning_rate=float(field("learning_rate", 1e-2)),
+                 weight_decay=float(field("weight_decay", 1e-4)))
+  chunk = 256
+
+  @jax.jit
+  def features(params, x):
+    return encoder_features(*objective.encode(params, x), k)
+
+  def evaluate(params):
+    padded = -len(images) % chunk  # fixed chunk shape: one compilation
+    x = np.concatenate([images, np.zeros((padded, *images.shape[1:]), images.dtype)])
+    feats = np.concatenate([np.asarray(features(params, x[i:i + chunk]))
+                            for i in range(0, len(x), chunk)])[:len(images)]
+    result = fit_linear_probe(feats[:n_train], labels[:n_train], feats[n_train:],
+                              labels[n_train:], num_classes, **options)
+    return dict(top1=result.test_accuracy, train_top1=result.train_accuracy,
+                skipped=sum(skipped.values()))
+
+  return evaluate

@@ -8,6 +8,8 @@ Mixed precision: parameters are float32; `dtype` is the activation (compute) dty
 logits and softmax are float32 whatever `dtype` is, and LayerNorm statistics too.
 """
 
+from typing import Any, Mapping
+
 import einops
 import jax
 import jax.numpy as jnp
@@ -143,3 +145,17 @@ class ViT(nn.Module):
       blocks.append(tokens)
     out = nn.LayerNorm(dtype=self.dtype, name="norm")(tokens)
     return (out, blocks) if return_all_blocks else out
+
+
+def vit_features(encoder: Mapping[str, Any], dtype=jnp.float32):
+  """encode(params, images) -> (tokens, blocks) of the ViT stored under `params["vit"]`.
+
+  Every dpvl model that holds an image encoder names it "vit", so evaluators read the same
+  features from any objective's parameters.
+  """
+  vit = ViT(**encoder, dtype=dtype)
+
+  def encode(params, images):
+    return vit.apply({"params": params["vit"]}, images, return_all_blocks=True)
+
+  return encode

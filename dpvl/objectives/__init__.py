@@ -27,6 +27,9 @@ class Objective:
     prepare: host-side record (dict from a data source) -> example (dict of numpy arrays).
     example_spec: name -> jax.ShapeDtypeStruct of one prepared example.
     model: the Flax module, for evaluation hooks.
+    encode: (params, images [B, H, W, 3] normalised) -> (tokens [B, T, D], list of every
+      block's output): the image encoder's features, for evaluators (linear probe).
+    image_size: side of the square images the encoder takes.
   """
 
   name: str
@@ -35,6 +38,8 @@ class Objective:
   prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]]
   example_spec: Mapping[str, jax.ShapeDtypeStruct]
   model: Any = None
+  encode: Callable[[Any, jax.Array], Any] | None = None
+  image_size: int | None = None
 
 
 def build_objective(config) -> Objective:

@@ -15,6 +15,7 @@ import numpy as np
 from dpvl.data import tokenizers
 from dpvl.data import transforms
 from dpvl.models.captioner import Captioner
+from dpvl.models.vit import vit_features
 from dpvl.objectives import Objective
 
 
@@ -86,7 +87,8 @@ def build(config) -> Objective:
     return masked_token_loss(logits, tokens[1:], tokenizer.pad_id, tokenizer.eos_id)
 
   return Objective(name="dpcap", init=init, per_example_loss=per_example_loss,
-                   prepare=prepare, example_spec=spec, model=model)
+                   prepare=prepare, example_spec=spec, model=model,
+                   encode=vit_features(config.model.encoder, model.dtype), image_size=size)
 
 
 def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,

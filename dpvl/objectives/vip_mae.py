@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from dpvl.data import transforms
 from dpvl.models.mae import MaskedAutoencoder
 from dpvl.models.mae import patchify
+from dpvl.models.vit import vit_features
 from dpvl.objectives import Objective
 
 
@@ -69,4 +70,5 @@ def build(config) -> Objective:
     return masked_patch_loss(pred, target, keep, norm_pix)
 
   return Objective(name="vip_mae", init=init, per_example_loss=per_example_loss,
-                   prepare=prepare, example_spec=spec, model=model)
+                   prepare=prepare, example_spec=spec, model=model,
+                   encode=vit_features(config.model.encoder, model.dtype), image_size=size)

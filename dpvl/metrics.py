@@ -1,0 +1,38 @@
+"""A run's metrics: one JSON object per line in `metrics.jsonl`, and the same numbers as
+TensorBoard scalars under `tensorboard/` (`tensorboard --logdir=WORKDIR/tensorboard`)."""
+
+import json
+import numbers
+import os
+
+from tensorboardX import SummaryWriter
+
+
+def scalars(row: dict, prefix: str = "") -> dict[str, float]:
+  """The numeric leaves of `row` (nested dicts joined with '/'), without `step`."""
+  out = {}
+  for key, value in row.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(scalars(value, name + "/"))
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and name != "step":
+      out[name] = float(value)
+  return out
+
+
+class MetricsWriter:
+  """Appends rows (each with a `step`) to metrics.jsonl and TensorBoard event files."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, row: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for name, value in scalars(row).items():
+      self._tensorboard.add_scalar(name, value, row["step"])
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    self._tensorboard.close()
