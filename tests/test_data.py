@@ -26,7 +26,8 @@ def test_scenes_are_deterministic_per_seed_and_index():
   assert any(a[i]["caption"] != c[i]["caption"] for i in range(10))
   assert any(not np.array_equal(a[i]["image"], c[i]["image"]) for i in range(10))
   r = a[3]
-  assert set(r) == {"image", "caption", "label", "index"}
+  assert set(r) == {"image", "caption", "label", "index", "colour_label", "size_label",
+                    "position_label"}
   assert r["image"].shape == (32, 32, 3) and r["image"].dtype == np.uint8
   assert isinstance(r["caption"], str) and r["caption"] == r["caption"].lower()
   assert isinstance(r["label"], int) and r["index"] == 3
