@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from configs import evals
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -50,6 +52,10 @@ def get_config():
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, b1=0.9, b2=0.95, weight_decay=0.005, warmup_steps=15,
       schedule="cosine"))
+
+  # Linear probe on the encoder before and after training (shape of one-object scenes).
+  c.evals = ml_collections.ConfigDict(dict(
+      probe=evals.scene_probe("label", blocks=c.model.encoder.depth)))
 
   c.log_every = 10
   c.checkpoint_every = 50

@@ -36,6 +36,9 @@ def get_config():
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1.5e-4 * 98_304 / 256, b1=0.9, b2=0.95, weight_decay=0.005,
       warmup_steps=1_000, schedule="cosine"))
+  for name in c.evals:
+    c.evals[name].every = 500
+  c.evals.probe.blocks = c.evals.probe_shape.blocks = 12  # ViP: last 12 blocks, mean-pooled
   c.log_every = 10
   c.checkpoint_every = 100
   return c

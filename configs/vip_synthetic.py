@@ -15,5 +15,7 @@ def get_config():
   c.data.seed = 21
   c.privacy.enabled = False
   c.privacy.target_epsilon = None
+  c.batch.expected_size = 256
+  c.batch.microbatch_size = 64
   c.steps = 200
   return c

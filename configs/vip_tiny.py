@@ -1,4 +1,12 @@
-"""ViP-MAE demo: a tiny masked autoencoder trained with DP-SGD on generated scenes (CPU)."""
+"""ViP-MAE demo: a tiny masked autoencoder trained with DP-SGD on generated scenes (CPU).
+
+  python -m dpvl.main --config=configs/vip_tiny.py --workdir=runs/vip_tiny
+
+The private data are scenes of up to four shapes; the linear probes (before, during and after
+training) read the encoder on separate one-object scenes and classify the object's position
+(`probe`: last blocks pooled, ViP style; `probe_last`: last layer) and its shape
+(`probe_shape`).
+"""
 
 import ml_collections
 
@@ -9,17 +17,23 @@ from configs import evals
 def get_config():
   c = dpcap_tiny.get_config()
   c.objective = "vip_mae"
-  c.steps = 100
+  c.steps = 250
   del c["tokenizer"]
+  c.data.size = 100_000
+  c.data.max_objects = 4
   c.model = ml_collections.ConfigDict(dict(
-      dtype="float32", mask_ratio=0.75, norm_pix_loss=False,
+      dtype="float32", mask_ratio=0.75, norm_pix_loss=True,
       encoder=dict(patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=128, qkv_bias=True,
                    posemb="sincos2d"),
       decoder=dict(width=64, depth=1, num_heads=4, mlp_dim=128)))
+  c.batch.expected_size = 1_024
+  c.batch.microbatch_size = 128
   c.privacy.clip_norm = 0.1
-  c.optimizer.learning_rate = 2e-3
-  # ViP's probe (last blocks pooled) and the plain last layer, before, during and after.
+  c.optimizer.learning_rate = 5e-3
+  c.optimizer.warmup_steps = 25
+  depth = c.model.encoder.depth
   c.evals = ml_collections.ConfigDict(dict(
-      probe=evals.shape_probe(blocks=c.model.encoder.depth, every=50),
-      probe_last=evals.shape_probe(blocks=0, every=50)))
+      probe=evals.scene_probe("position_label", blocks=depth, every=125),
+      probe_last=evals.scene_probe("position_label", blocks=0, every=125),
+      probe_shape=evals.scene_probe("label", blocks=depth, every=125)))
   return c

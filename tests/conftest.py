@@ -4,6 +4,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import pytest
 
 # Tests build many identical train steps: share their compilations through JAX's persistent
@@ -35,6 +36,7 @@ def small_dpcap_config(**privacy):
   c.optimizer.warmup_steps = 2
   c.log_every = 2
   c.checkpoint_every = 3
+  c.evals = ml_collections.ConfigDict()  # tests/test_evals.py covers the evaluators
   return c
 
 

@@ -67,8 +67,7 @@ def _events(workdir):
 def test_probe_reads_the_encoder_of_the_objective():
   # Colour is a linear function of the pixels: even an untrained encoder's features carry it.
   # With the labels misaligned to the images the probe would be at chance (1/7).
-  config = small_vip_config(colour=eval_configs.shape_probe(blocks=0))
-  config.evals.colour.label_key = "colour_label"
+  config = small_vip_config(colour=eval_configs.scene_probe("colour_label", blocks=0))
   objective = build_objective(config)
   (evaluator,) = evaluate.build_evaluators(config, objective)
   metrics = evaluator(objective.init(jax.random.key(0)))
@@ -110,15 +109,15 @@ def test_probe_resizes_other_image_sizes_and_counts_bad_records():
     ("data.size", 10, "config.evals.probe.data"),
 ])
 def test_bad_eval_configs_name_the_field(field, value, named):
-  config = small_vip_config(probe=eval_configs.shape_probe(blocks=1))
+  config = small_vip_config(probe=eval_configs.scene_probe("label", blocks=1))
   _override(config.evals.probe, {field: value})
   with pytest.raises(plan_lib.ConfigError, match=named.replace(".", r"\.")):
     evaluate.build_evaluators(config, build_objective(config))
 
 
 def test_evals_run_before_during_and_after_training(tmp_path):
-  config = small_vip_config(probe=eval_configs.shape_probe(blocks=2, every=2),
-                            probe_last=eval_configs.shape_probe(blocks=0, every=0))
+  config = small_vip_config(probe=eval_configs.scene_probe("label", blocks=2, every=2),
+                            probe_last=eval_configs.scene_probe("label", blocks=0, every=0))
   lines = []
   train.run(config, str(tmp_path), log=lines.append)
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -135,10 +134,10 @@ def test_evals_run_before_during_and_after_training(tmp_path):
 
 
 def test_standalone_eval_on_a_checkpoint(tmp_path):
-  config = small_vip_config(probe=eval_configs.shape_probe(blocks=2))
+  config = small_vip_config(probe=eval_configs.scene_probe("label", blocks=2))
   config.evals = ml_collections.ConfigDict()
   train.run(config, str(tmp_path), log=lambda *_: None)
-  overrides = [f"--config.evals.{name}.{k}={v}" for name in ("probe", "probe_last")
+  overrides = [f"--config.evals.{name}.{k}={v}" for name in ("probe", "probe_last", "probe_shape")
                for k, v in dict(PROBE, **{"data.size": 500}).items()]
   out = subprocess.run(
       [sys.executable, "-m", "dpvl.main", "--config=configs/vip_tiny.py", "--mode=eval",
