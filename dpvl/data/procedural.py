@@ -8,6 +8,8 @@ privacy. Record i is a pure function of (seed, i); any number of images, nothing
 
 import numpy as np
 
+from dpvl.data import generated
+
 PATTERNS = ("grating", "radial", "warp", "checker", "blobs")
 
 
@@ -64,22 +66,11 @@ def render(seed: int, index: int, image_size: int) -> np.ndarray:
   return (np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-class ProceduralImages:
+class ProceduralImages(generated.GeneratedSource):
   """Random-access source (grain protocol) of procedural images: records {image, index}."""
 
   def __init__(self, num_records: int, image_size: int = 32, seed: int = 0):
-    if num_records < 1:
-      raise ValueError(f"num_records must be positive, got {num_records}.")
-    self._n, self._size, self._seed = int(num_records), int(image_size), int(seed)
+    super().__init__(num_records, image_size, seed)
 
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < self._n:
-      raise IndexError(f"index {index} out of range for {self._n} records.")
+  def record(self, index: int) -> dict:
     return dict(image=render(self._seed, index, self._size), index=index)
-
-  def __repr__(self) -> str:
-    return f"ProceduralImages(num_records={self._n}, image_size={self._size}, seed={self._seed})"

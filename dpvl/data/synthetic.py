@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from dpvl.data import generated
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring")  # index = label
 num_classes = len(SHAPES)
 COLOURS = {
@@ -121,7 +123,7 @@ def render(scene: Scene, image_size: int) -> np.ndarray:
   return image
 
 
-class ShapeScenes:
+class ShapeScenes(generated.GeneratedSource):
   """Random-access source (grain `RandomAccessDataSource` protocol) of captioned scenes.
 
   Records: `image` uint8 [S, S, 3], `caption` str, `index`, and the first object's attributes
@@ -131,26 +133,12 @@ class ShapeScenes:
 
   def __init__(self, num_records: int, image_size: int = 32, seed: int = 0,
                max_objects: int = 2):
-    if num_records < 1:
-      raise ValueError(f"num_records must be positive, got {num_records}.")
-    if image_size < 1:
-      raise ValueError(f"image_size must be positive, got {image_size}.")
-    if seed < 0:
-      raise ValueError(f"seed must be non-negative, got {seed}.")
+    super().__init__(num_records, image_size, seed)
     if not 1 <= max_objects <= len(POSITIONS):
       raise ValueError(f"max_objects must be in [1, {len(POSITIONS)}], got {max_objects}.")
-    self._n = int(num_records)
-    self._size = int(image_size)
-    self._seed = int(seed)
     self._max_objects = int(max_objects)
 
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < self._n:
-      raise IndexError(f"index {index} out of range for {self._n} records.")
+  def record(self, index: int) -> dict:
     scene = scene_spec(self._seed, index, self._max_objects)
     first = scene.objects[0]
     return dict(image=render(scene, self._size), caption=caption(scene.objects), index=index,
@@ -159,5 +147,4 @@ class ShapeScenes:
                 position_label=_POSITION_NAMES.index(first.position))
 
   def __repr__(self) -> str:
-    return (f"ShapeScenes(num_records={self._n}, image_size={self._size}, seed={self._seed}, "
-            f"max_objects={self._max_objects})")
+    return super().__repr__()[:-1] + f", max_objects={self._max_objects})"

@@ -1,0 +1,33 @@
+"""Base of the generated sources: record i is a pure function of (seed, i), nothing stored."""
+
+
+class GeneratedSource:
+  """Random-access source (grain `RandomAccessDataSource` protocol) of generated records.
+
+  Subclasses implement `record(index) -> dict`; this class checks the arguments and indices.
+  """
+
+  def __init__(self, num_records: int, image_size: int, seed: int):
+    if num_records < 1:
+      raise ValueError(f"num_records must be positive, got {num_records}.")
+    if image_size < 1:
+      raise ValueError(f"image_size must be positive, got {image_size}.")
+    if seed < 0:
+      raise ValueError(f"seed must be non-negative, got {seed}.")
+    self._n, self._size, self._seed = int(num_records), int(image_size), int(seed)
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < self._n:
+      raise IndexError(f"index {index} out of range for {self._n} records.")
+    return self.record(index)
+
+  def record(self, index: int) -> dict:
+    raise NotImplementedError
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}(num_records={self._n}, image_size={self._size}, "
+            f"seed={self._seed})")
