@@ -118,15 +118,19 @@ def load_warm_start(workdir: str, abstract_params):
         "on public or synthetic data, or resume that run instead.")
   params = ckpt.restore_state_arrays()["params"]
   ckpt.close()
-  got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), params)
-  want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), abstract_params)
-  if got != want:
+  if not _same_model(params, abstract_params):
     raise plan_lib.ConfigError(
         f"config.init_from={workdir!r} has parameters of another model than config.model.")
   with open(os.path.join(workdir, "config.json")) as f:
     source = json.load(f)["data"]["source"]
   return params, dict(path=os.path.abspath(workdir), data_source=source,
                       steps=stage1["steps_done"])
+
+
+def _same_model(params, abstract_params) -> bool:
+  """Whether restored `params` have the structure, shapes and dtypes of `abstract_params`."""
+  describe = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+  return describe(params) == describe(abstract_params)
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
@@ -146,8 +150,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
                                + ("" if step is None else f" at step {step}") + ".")
   params = ckpt.restore_state_arrays(step)["params"]
   ckpt.close()
-  want = jax.eval_shape(objective.init, jax.random.key(0))
-  if jax.tree.structure(params) != jax.tree.structure(want):
+  if not _same_model(params, jax.eval_shape(objective.init, jax.random.key(0))):
     raise plan_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "
                                "config.model.")
   row = dict(step=step, standalone=True)
