@@ -16,6 +16,15 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return ((image.astype(np.float32) / 255.0) - MEAN) / STD
 
 
+def model_image(image: np.ndarray, size: int) -> np.ndarray:
+  """A record's uint8 image as a model input: normalised, checked to be [size, size, 3]."""
+  image = normalize_image(image)
+  if image.shape != (size, size, 3):
+    raise ValueError(f"expected a [{size}, {size}, 3] image (config.data.image_size), got "
+                     f"shape {image.shape}.")
+  return image
+
+
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side to `size` (bicubic), centre crop."""
   image = np.asarray(image)

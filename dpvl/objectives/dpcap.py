@@ -73,10 +73,7 @@ def build(config) -> Objective:
     caption = record["caption"]
     if not isinstance(caption, (str, bytes)):
       raise ValueError(f"caption must be text, got {type(caption).__name__}.")
-    image = transforms.normalize_image(record["image"])
-    if image.shape != (size, size, 3):
-      raise ValueError(f"expected a [{size}, {size}, 3] image (config.data.image_size), got "
-                       f"shape {image.shape}.")
+    image = transforms.model_image(record["image"], size)
     return dict(image=image, tokens=tokenizer.encode(caption))
 
   def per_example_loss(params, example, rng):

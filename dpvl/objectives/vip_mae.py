@@ -57,10 +57,7 @@ def build(config) -> Objective:
     return model.init(rng, images, jnp.zeros((1, visible), jnp.int32))["params"]
 
   def prepare(record):
-    image = transforms.normalize_image(record["image"])
-    if image.shape != (size, size, 3):
-      raise ValueError(f"expected a [{size}, {size}, 3] image (config.data.image_size), got "
-                       f"shape {image.shape}.")
+    image = transforms.model_image(record["image"], size)
     return dict(image=image)
 
   def per_example_loss(params, example, rng):
