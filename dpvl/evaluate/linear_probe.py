@@ -138,17 +138,17 @@ def build(config, name: str, objective):
   options = dict(steps=int(field("steps", 500)), batch_size=int(field("batch_size", 256)),
                  learning_rate=float(field("learning_rate", 1e-2)),
                  weight_decay=float(field("weight_decay", 1e-4)))
-  chunk = 256
+  chunk = 256  # fixed chunk shape: one compilation
+  padded = np.concatenate([images, np.zeros((-len(images) % chunk, *images.shape[1:]),
+                                            images.dtype)])
 
   @jax.jit
   def features(params, x):
     return encoder_features(*objective.encode(params, x), k)
 
   def evaluate(params):
-    padded = -len(images) % chunk  # fixed chunk shape: one compilation
-    x = np.concatenate([images, np.zeros((padded, *images.shape[1:]), images.dtype)])
-    feats = np.concatenate([np.asarray(features(params, x[i:i + chunk]))
-                            for i in range(0, len(x), chunk)])[:len(images)]
+    feats = np.concatenate([np.asarray(features(params, padded[i:i + chunk]))
+                            for i in range(0, len(padded), chunk)])[:len(images)]
     result = fit_linear_probe(feats[:n_train], labels[:n_train], feats[n_train:],
                               labels[n_train:], num_classes, **options)
     return dict(top1=result.test_accuracy, train_top1=result.train_accuracy,

@@ -6,19 +6,12 @@ Both position embeddings are fixed 2-D sin-cos constants, never parameters.
 
 from typing import Any, Mapping
 
-import einops
 import jax.numpy as jnp
 from flax import linen as nn
 
 from dpvl.models.vit import EncoderBlock
 from dpvl.models.vit import ViT
 from dpvl.models.vit import sincos2d
-
-
-def patchify(images, patch_size: int):
-  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C] in the ViT's row-major patch order."""
-  p = patch_size
-  return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
 
 
 class MaskedAutoencoder(nn.Module):

@@ -28,6 +28,12 @@ def sincos2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -
   return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
+def patchify(images, patch_size: int):
+  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C]: the row-major patch order of every ViT token."""
+  p = patch_size
+  return einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
+
+
 class Attention(nn.Module):
   """Multi-head attention of x [B, L, D] over `context` [B, S, D] (x itself when None).
 
@@ -110,8 +116,7 @@ class ViT(nn.Module):
       raise ValueError(f"expected images [B, H, W, C] with H and W multiples of the patch size "
                        f"{p}, got shape {images.shape}.")
     h, w = images.shape[1] // p, images.shape[2] // p
-    patches = einops.rearrange(images, "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p)
-    x = nn.Dense(self.width, dtype=self.dtype, name="embedding")(patches)
+    x = nn.Dense(self.width, dtype=self.dtype, name="embedding")(patchify(images, p))
     c = self.width
     if self.posemb == "sincos2d":
       pos = jnp.asarray(sincos2d(h, w, c))

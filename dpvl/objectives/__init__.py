@@ -42,6 +42,15 @@ class Objective:
   image_size: int | None = None
 
 
+def image_size(config) -> int:
+  """`config.data.image_size`, checked to be a multiple of the encoder's patch size."""
+  size, patch = config.data.image_size, config.model.encoder.patch_size
+  if size % patch:
+    raise ValueError(f"config.data.image_size={size} is not a multiple of "
+                     f"config.model.encoder.patch_size={patch}.")
+  return size
+
+
 def build_objective(config) -> Objective:
   """Builds the objective named by `config.objective`."""
   name = config.objective

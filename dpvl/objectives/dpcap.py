@@ -17,6 +17,7 @@ from dpvl.data import transforms
 from dpvl.models.captioner import Captioner
 from dpvl.models.vit import vit_features
 from dpvl.objectives import Objective
+from dpvl.objectives import image_size
 
 
 def target_weights(targets, pad_id: int, eos_id: int | None = None):
@@ -57,10 +58,7 @@ def build(config) -> Objective:
   """DP-Cap: per-example mean next-token cross-entropy of a caption given its image."""
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   model = model_from_config(config, tokenizer.vocab_size)
-  size, length = config.data.image_size, config.tokenizer.max_len
-  if size % config.model.encoder.patch_size:
-    raise ValueError(f"config.data.image_size={size} is not a multiple of "
-                     f"config.model.encoder.patch_size={config.model.encoder.patch_size}.")
+  size, length = image_size(config), config.tokenizer.max_len
   spec = dict(image=jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
               tokens=jax.ShapeDtypeStruct((length,), jnp.int32))
 

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 
 from dpvl.data import transforms
 from dpvl.models.mae import MaskedAutoencoder
-from dpvl.models.mae import patchify
+from dpvl.models.vit import patchify
 from dpvl.models.vit import vit_features
 from dpvl.objectives import Objective
+from dpvl.objectives import image_size
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -37,11 +38,7 @@ def masked_patch_loss(pred, target, keep, norm_pix: bool = False):
 
 
 def build(config) -> Objective:
-  size = config.data.image_size
-  p = config.model.encoder.patch_size
-  if size % p:
-    raise ValueError(f"config.data.image_size={size} is not a multiple of "
-                     f"config.model.encoder.patch_size={p}.")
+  size, p = image_size(config), config.model.encoder.patch_size
   ratio = float(config.model.mask_ratio)
   if not 0.0 <= ratio < 1.0:
     raise ValueError(f"config.model.mask_ratio must be in [0, 1), got {ratio}.")
