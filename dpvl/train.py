@@ -178,7 +178,6 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     source = sources.build_source(config.data)
   except ValueError as e:  # bad model, tokenizer or data fields: one sentence, no traceback
     raise plan_lib.ConfigError(str(e)) from None
-  evaluators = evaluate.build_evaluators(config, objective)
   if len(source) != plan.dataset_size:
     raise plan_lib.ConfigError(
         f"config.data.size={plan.dataset_size} but the source holds {len(source)} records.")
@@ -187,6 +186,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     raise plan_lib.ConfigError(
         f"config.batch.microbatch_size={plan.microbatch_size} must be divisible by the "
         f"{mesh.size} devices of the data axis.")
+  evaluators = evaluate.build_evaluators(config, objective)  # loads their data: after the checks
 
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
