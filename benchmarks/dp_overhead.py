@@ -72,7 +72,7 @@ def main():
       plan = dataclasses.replace(base_plan, enabled=enabled, expected_batch_size=batch_size,
                                  num_microbatches=num_micro)
       optimizer = train.make_optimizer(config.optimizer, 100)
-      step = jax.jit(train.make_train_step(objective.per_example_loss, optimizer, plan))
+      step = jax.jit(train.make_train_step(train.gradient_fn(objective, plan), optimizer, plan))
       state = dict(params=params, opt_state=optimizer.init(params),
                    step=jnp.zeros((), jnp.int32))
       keys = (jax.random.key(1), jax.random.key(2))

@@ -9,6 +9,7 @@ Workdir layout:
 """
 
 import concurrent.futures
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from dpvl.data import loader as loader_lib
 from dpvl.data import sources
 from dpvl.objectives import build_objective
 from dpvl.privacy import accounting
+from dpvl.privacy import contrastive
 from dpvl.privacy import dpsgd
 from dpvl.privacy import noise
 from dpvl.privacy import plan as plan_lib
@@ -49,14 +51,39 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
                      weight_decay=opt_cfg.weight_decay, mask=decay_mask)
 
 
-def make_train_step(loss_fn, optimizer, plan: plan_lib.PrivacyPlan):
-  """Returns step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted."""
+def gradient_fn(objective, plan: plan_lib.PrivacyPlan, pair_norms: str = "exact"):
+  """The private gradient of the plan's mechanism for `objective`:
+  (params, batch, mask, rngs, noise_key, *, clip_norm, noise_std, expected_batch_size, enabled)
+  -> (gradient estimate, metrics). `pair_norms` is Logit-DP's speed/memory knob."""
+  if plan.mechanism == "per_example":
+    if objective.per_example_loss is None:
+      raise plan_lib.ConfigError(
+          f"objective {objective.name!r} has a batch-coupled loss that per-example clipping "
+          f"does not make private; set config.privacy.mechanism to one of "
+          f"{contrastive.MECHANISMS}.")
+    return functools.partial(dpsgd.private_gradient, objective.per_example_loss)
+  if objective.dual_encoder is None:
+    raise plan_lib.ConfigError(
+        f"config.privacy.mechanism={plan.mechanism!r} is for contrastive objectives; objective "
+        f"{objective.name!r} has a per-example loss: use 'per_example'.")
+  if pair_norms not in contrastive.PAIR_NORMS:
+    raise plan_lib.ConfigError(f"config.privacy.pair_norms={pair_norms!r} is unknown; choose "
+                               f"one of {contrastive.PAIR_NORMS}.")
+  return functools.partial(contrastive.GRADIENTS[plan.mechanism], objective.dual_encoder,
+                           pair_norms_how=pair_norms)
+
+
+def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
+  """Returns step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted.
+
+  `gradient` is `gradient_fn(objective, plan)`.
+  """
 
   def step(state, batch, mask, example_key, noise_key):
     t = state["step"]
     rngs = jax.random.split(jax.random.fold_in(example_key, t), mask.shape)
-    grad, metrics = dpsgd.private_gradient(
-        loss_fn, state["params"], batch, mask, rngs, noise.step_key(noise_key, t),
+    grad, metrics = gradient(
+        state["params"], batch, mask, rngs, noise.step_key(noise_key, t),
         clip_norm=plan.clip_norm, noise_std=plan.noise_std,
         expected_batch_size=plan.expected_batch_size, enabled=plan.enabled)
     updates, opt_state = optimizer.update(grad, state["opt_state"], state["params"])
@@ -181,6 +208,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   if len(source) != plan.dataset_size:
     raise plan_lib.ConfigError(
         f"config.data.size={plan.dataset_size} but the source holds {len(source)} records.")
+  gradient = gradient_fn(objective, plan, plan_lib.get_field(config, "privacy.pair_norms",
+                                                             "exact"))
   mesh = _mesh()
   if plan.microbatch_size % mesh.size:
     raise plan_lib.ConfigError(
@@ -246,8 +275,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   example_key = jax.random.key(config.seed)
   loader = loader_lib.BatchLoader(source, objective.prepare, objective.example_spec,
                                   plan.num_microbatches, plan.microbatch_size)
-  train_step = jax.jit(make_train_step(objective.per_example_loss, optimizer, plan),
-                       donate_argnums=0)
+  train_step = jax.jit(make_train_step(gradient, optimizer, plan), donate_argnums=0)
 
   writer = metrics_lib.MetricsWriter(workdir)
 
@@ -271,6 +299,9 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       f"planned epsilon={ledger.summary['epsilon']}")
   def fetch(step):
     selection = sampler.select(step)
+    if plan.mechanism == "per_batch":  # micro-batch g holds hash group g
+      selection = contrastive.hash_groups(selection, meta["secret_seed"], step,
+                                          plan.num_microbatches, plan.microbatch_size)
     return selection, loader.load(selection)
 
   prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1)

@@ -80,7 +80,7 @@ def test_position_embeddings_are_fixed_and_the_mask_comes_from_the_example_key()
   state_params = params
   optimizer = train.make_optimizer(config.optimizer, 10)
   plan = plan_lib.build_plan(config)
-  step = jax.jit(train.make_train_step(objective.per_example_loss, optimizer, plan))
+  step = jax.jit(train.make_train_step(train.gradient_fn(objective, plan), optimizer, plan))
   state = dict(params=state_params, opt_state=optimizer.init(params), step=jnp.ones((), jnp.int32))
   batch2 = jax.tree.map(lambda x: x.reshape(2, 3, *x.shape[1:]), batch)
   new, _ = step(state, batch2, jnp.ones((2, 3), bool), jax.random.key(1), jax.random.key(2))

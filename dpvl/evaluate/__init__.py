@@ -14,6 +14,8 @@ from dpvl.privacy.plan import get_field
 
 REGISTRY = {
     "linear_probe": "dpvl.evaluate.linear_probe",
+    "zero_shot": "dpvl.evaluate.zero_shot",
+    "retrieval": "dpvl.evaluate.retrieval",
 }
 
 

@@ -94,12 +94,20 @@ def encoder_features(tokens, blocks_out, k: int) -> jax.Array:
 def load_labelled(source, count: int, image_size: int, label_key: str = "label"):
   """The first `count` usable records as (normalised images [n, S, S, 3], labels [n]) and the
   number of records skipped per reason; reads further records to replace skipped ones."""
-  images, labels, skipped = [], [], {}
+  images, labels, skipped = load_images(source, count, image_size,
+                                        lambda record: int(record[label_key]))
+  return images, np.asarray(labels, np.int32), skipped
+
+
+def load_images(source, count: int, image_size: int, extract):
+  """The first `count` usable records as (normalised images [n, S, S, 3], [extract(record)],
+  skipped per reason); a record whose image or `extract` fails is skipped and replaced."""
+  images, values, skipped = [], [], {}
   index = 0
   while len(images) < count and index < len(source):
     try:
       record = source[index]
-      label = int(record[label_key])
+      value = extract(record)
       image = transforms.normalize_image(
           transforms.resize_center_crop(record["image"], image_size))
     except (KeyError, TypeError, ValueError, OSError) as e:
@@ -107,12 +115,26 @@ def load_labelled(source, count: int, image_size: int, label_key: str = "label")
       skipped[reason] = skipped.get(reason, 0) + 1
     else:
       images.append(image)
-      labels.append(label)
+      values.append(value)
     index += 1
   if len(images) < count:
-    raise ValueError(f"the labelled source holds {len(images)} usable records, {count} needed "
+    raise ValueError(f"the source holds {len(images)} usable records, {count} needed "
                      f"(skipped: {skipped}).")
-  return np.stack(images), np.asarray(labels, np.int32), skipped
+  return np.stack(images), values, skipped
+
+
+def chunked(fn, chunk: int = 256):
+  """Applies jitted `fn(params, x)` to `x` in fixed-size chunks (one compilation): returns
+  apply(params, x) -> concatenated numpy outputs for the rows of x."""
+  fn = jax.jit(fn)
+
+  def apply(params, x):
+    n = len(x)
+    x = np.concatenate([x, np.zeros((-n % chunk, *x.shape[1:]), x.dtype)])
+    return np.concatenate([np.asarray(fn(params, x[i:i + chunk]))
+                           for i in range(0, len(x), chunk)])[:n]
+
+  return apply
 
 
 def build(config, name: str, objective):
@@ -138,17 +160,10 @@ def build(config, name: str, objective):
   options = dict(steps=int(field("steps", 500)), batch_size=int(field("batch_size", 256)),
                  learning_rate=float(field("learning_rate", 1e-2)),
                  weight_decay=float(field("weight_decay", 1e-4)))
-  chunk = 256  # fixed chunk shape: one compilation
-  padded = np.concatenate([images, np.zeros((-len(images) % chunk, *images.shape[1:]),
-                                            images.dtype)])
-
-  @jax.jit
-  def features(params, x):
-    return encoder_features(*objective.encode(params, x), k)
+  features = chunked(lambda params, x: encoder_features(*objective.encode(params, x), k))
 
   def evaluate(params):
-    feats = np.concatenate([np.asarray(features(params, padded[i:i + chunk]))
-                            for i in range(0, len(padded), chunk)])[:len(images)]
+    feats = features(params, images)
     result = fit_linear_probe(feats[:n_train], labels[:n_train], feats[n_train:],
                               labels[n_train:], num_classes, **options)
     return dict(top1=result.test_accuracy, train_top1=result.train_accuracy,

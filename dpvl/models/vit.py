@@ -84,12 +84,13 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   qkv_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  causal: bool = False
 
   @nn.compact
   def __call__(self, x):
     y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
-    x = x + Attention(self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
-                      name="attention")(y)
+    x = x + Attention(self.num_heads, qkv_bias=self.qkv_bias, causal=self.causal,
+                      dtype=self.dtype, name="attention")(y)
     y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
     return x + Mlp(self.mlp_dim, dtype=self.dtype, name="mlp")(y)
 

@@ -47,29 +47,37 @@ _MIN_SIGMA, _MAX_SIGMA = 0.05, 500.0
 
 
 def truncation_probability(dataset_size: int, sampling_rate: float, capacity: int,
-                           steps: int) -> float:
-  """Upper bound on P(some step's Poisson batch exceeds `capacity`) over `steps` steps.
+                           steps: int, groups: int = 1) -> float:
+  """Upper bound on P(some step's Poisson batch overflows its slots) over `steps` steps.
 
-  Uses N + 1 records, the larger of two add/remove-neighbouring datasets.
+  Uses N + 1 records, the larger of two add/remove-neighbouring datasets. With `groups` > 1 the
+  slots are `groups` blocks of `capacity // groups` (per-batch clipping's hash groups): a
+  record joins block g with probability q / groups (sampled with probability q, hashed to g
+  with probability 1 / groups), so a block's size is Binomial(N + 1, q / groups), and the
+  bound is the union over blocks. A batch larger than `capacity` overflows some block, so this
+  also bounds the sampler's own truncation.
   """
   if steps == 0:
     return 0.0
-  per_step = float(stats.binom.sf(capacity, dataset_size + 1, sampling_rate))
+  per_step = groups * float(stats.binom.sf(capacity // groups, dataset_size + 1,
+                                           sampling_rate / groups))
   return min(1.0, steps * per_step)
 
 
 def min_capacity(dataset_size: int, sampling_rate: float, steps: int,
-                 max_probability: float) -> int:
-  """Smallest capacity whose `truncation_probability` is at most `max_probability`."""
-  lo = int(math.floor(dataset_size * sampling_rate))  # too small (unless q is 0 or 1)
-  hi = dataset_size + 1                               # never truncates
+                 max_probability: float, groups: int = 1) -> int:
+  """Smallest capacity (a multiple of `groups`) whose `truncation_probability` is at most
+  `max_probability`."""
+  lo = int(math.floor(dataset_size * sampling_rate / groups))  # too small (unless q is 0 or 1)
+  hi = dataset_size + 1                                        # never truncates
   while hi - lo > 1:
     mid = (lo + hi) // 2
-    if truncation_probability(dataset_size, sampling_rate, mid, steps) <= max_probability:
+    p = truncation_probability(dataset_size, sampling_rate, mid * groups, steps, groups)
+    if p <= max_probability:
       hi = mid
     else:
       lo = mid
-  return hi
+  return hi * groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +85,8 @@ class Segment:
   """`steps` DP-SGD steps run with one set of privacy parameters.
 
   A run is a list of segments: one, unless a resume was forced to change the plan.
-  `capacity=None` means untruncated Poisson sampling.
+  `capacity=None` means untruncated Poisson sampling; `groups` > 1 splits the capacity into
+  hash-group blocks (see `truncation_probability`).
   """
 
   dataset_size: int
@@ -85,6 +94,7 @@ class Segment:
   noise_multiplier: float
   steps: int
   capacity: int | None = None
+  groups: int = 1
 
   def replace(self, **changes) -> "Segment":
     return dataclasses.replace(self, **changes)
@@ -101,7 +111,7 @@ def dp_event(segments: Sequence[Segment]) -> dp_accounting.DpEvent:
 def run_truncation_probability(segments: Sequence[Segment]) -> float:
   """Upper bound on P(the run truncates any batch), by the union bound over steps."""
   return min(1.0, sum(
-      truncation_probability(s.dataset_size, s.sampling_rate, s.capacity, s.steps)
+      truncation_probability(s.dataset_size, s.sampling_rate, s.capacity, s.steps, s.groups)
       for s in segments if s.capacity is not None))
 
 

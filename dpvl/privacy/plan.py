@@ -10,8 +10,12 @@ import math
 from typing import Any, Sequence
 
 from dpvl.privacy import accounting
+from dpvl.privacy import contrastive
 
 SAMPLINGS = ("poisson",)
+# per_example: DP-SGD on a per-example loss; the others are for batch-coupled contrastive
+# losses (`dpvl.privacy.contrastive`).
+MECHANISMS = ("per_example", *contrastive.MECHANISMS)
 
 
 class ConfigError(ValueError):
@@ -43,7 +47,9 @@ class PrivacyPlan:
   Neighbouring datasets differ by adding or removing one record. `capacity` is the fixed
   number of padded batch slots per step (`num_microbatches * microbatch_size`); a Poisson batch
   larger than that is truncated to a uniformly random subset of `capacity` records, which the
-  accountants account for (see `accounting`).
+  accountants account for (see `accounting`). `mechanism` names what is clipped; its declared
+  L2 `sensitivity` under adding or removing one record scales the noise: std sigma * Delta.
+  For "per_batch", every micro-batch is one hash group (`groups` of them).
   """
 
   enabled: bool
@@ -61,6 +67,9 @@ class PrivacyPlan:
   num_microbatches: int
   target_epsilon: float | None
   truncation_tolerance: float
+  mechanism: str = "per_example"
+  sensitivity: float = math.inf  # Delta: C for per_example (see `contrastive` for the others)
+  groups: int = 1
   done: tuple[accounting.Segment, ...] = ()  # segments run under earlier plans (forced resume)
 
   @property
@@ -79,12 +88,12 @@ class PrivacyPlan:
   @property
   def noise_std(self) -> float:
     """Std of the Gaussian noise added to the clipped sum."""
-    return self.noise_multiplier * self.clip_norm if self.enabled else 0.0
+    return self.noise_multiplier * self.sensitivity if self.enabled else 0.0
 
   def segment(self, steps: int) -> accounting.Segment:
     """`steps` steps under this plan."""
     return accounting.Segment(self.dataset_size, self.sampling_rate, self.noise_multiplier,
-                              steps, self.capacity)
+                              steps, self.capacity, self.groups)
 
   def segments(self, step: int) -> list[accounting.Segment]:
     """The run's segments once `step` global steps are done."""
@@ -102,6 +111,7 @@ class PrivacyPlan:
                 expected_batch_size=self.expected_batch_size, clip_norm=self.clip_norm,
                 noise_multiplier=self.noise_multiplier, delta=self.delta,
                 accountant=self.accountant, sampling=self.sampling, capacity=self.capacity,
+                mechanism=self.mechanism, sensitivity=self.sensitivity, groups=self.groups,
                 target_epsilon=self.target_epsilon, configured_steps=self.configured_steps)
 
   def summary(self) -> dict:
@@ -116,6 +126,10 @@ class PrivacyPlan:
         configured_steps=self.configured_steps,
         noise_multiplier=self.noise_multiplier if self.enabled else 0.0,
         clip_norm=self.clip_norm if self.enabled else None,
+        mechanism=self.mechanism,
+        sensitivity=self.sensitivity if self.enabled else None,
+        noise_std=self.noise_std,
+        groups=self.groups,
         delta=self.delta,
         epsilon=_finite_or_none(eps_pld if self.accountant == "pld" else eps_rdp),
         epsilon_rdp=_finite_or_none(eps_rdp),
@@ -128,7 +142,8 @@ class PrivacyPlan:
         num_microbatches=self.num_microbatches,
         capacity=self.capacity,
         truncation_probability=accounting.truncation_probability(
-            self.dataset_size, self.sampling_rate, self.capacity, self.steps - self.first_step),
+            self.dataset_size, self.sampling_rate, self.capacity, self.steps - self.first_step,
+            self.groups),
     )
 
 
@@ -180,19 +195,41 @@ def build_plan(config, done: Sequence[accounting.Segment] = ()) -> PrivacyPlan:
   _check(0 < tolerance < 1,
          f"config.privacy.truncation_tolerance must be in (0, 1), got {tolerance}.")
   q = batch / n
+  mechanism = get_field(config, "privacy.mechanism", "per_example")
+  _check(mechanism in MECHANISMS,
+         f"config.privacy.mechanism={mechanism!r} is unknown; choose one of {MECHANISMS}.")
+  groups = 1
+  if mechanism == "per_batch":
+    group_size = get_field(config, "privacy.group_size")
+    _check(isinstance(group_size, int) and group_size > 1,
+           f"config.privacy.group_size must be an integer > 1, got {group_size!r}.")
+    groups = max(1, round(batch / group_size))
+
+  def layout(max_p):
+    """(num_microbatches, microbatch_size) for a truncation probability of at most max_p."""
+    cap = accounting.min_capacity(n, q, steps, max_p, groups)
+    if mechanism == "per_batch":  # one micro-batch per group, a multiple of 8 slots (sharding)
+      return groups, -(-(cap // groups) // 8) * 8
+    return -(-cap // micro), micro
 
   if not enabled:
-    cap = accounting.min_capacity(n, q, steps, 1e-6)
+    num_micro, micro_size = layout(1e-6)
     return PrivacyPlan(
         enabled=False, dataset_size=n, expected_batch_size=batch, steps=steps,
         configured_steps=steps, clip_norm=math.inf, noise_multiplier=0.0, delta=delta,
-        accountant=accountant, sampling=sampling, microbatch_size=micro,
-        num_microbatches=-(-cap // micro), target_epsilon=None, truncation_tolerance=1e-6)
+        accountant=accountant, sampling=sampling, microbatch_size=micro_size,
+        num_microbatches=num_micro, target_epsilon=None, truncation_tolerance=1e-6,
+        mechanism=mechanism, groups=groups)
 
   _check(sigma is not None or target is not None, "config.privacy.noise_multiplier or "
          "config.privacy.target_epsilon must be set for a private run.")
   _check(sigma is None or sigma > 0,
          f"config.privacy.noise_multiplier must be positive, got {sigma}.")
+  temperature = None
+  if mechanism == "logit_dp":
+    temperature = get_field(config, "model.temperature")
+    _check(isinstance(temperature, (int, float)) and temperature > 0,
+           f"config.model.temperature must be positive, got {temperature!r}.")
   untruncated = accounting.Segment(n, q, sigma or 0.0, steps)
   if sigma is None:
     try:
@@ -207,12 +244,20 @@ def build_plan(config, done: Sequence[accounting.Segment] = ()) -> PrivacyPlan:
       eps_ref = min(eps_ref, target)
   # Truncation may cost at most `tolerance * delta` of delta (see accounting's docstring).
   max_p = tolerance * delta / (1.0 + math.exp(min(eps_ref, 700.0)))
-  num_micro = -(-accounting.min_capacity(n, q, steps, max_p) // micro)
+  num_micro, micro_size = layout(max_p)
+  if mechanism == "per_batch":
+    sensitivity = contrastive.per_batch_sensitivity(clip_norm)
+  elif mechanism == "logit_dp":
+    sensitivity = contrastive.logit_dp_sensitivity(clip_norm, temperature,
+                                                   num_micro * micro_size)
+  else:
+    sensitivity = clip_norm
   plan = PrivacyPlan(
       enabled=True, dataset_size=n, expected_batch_size=batch, steps=steps,
       configured_steps=steps, clip_norm=clip_norm, noise_multiplier=sigma, delta=delta,
-      accountant=accountant, sampling=sampling, microbatch_size=micro,
-      num_microbatches=num_micro, target_epsilon=target, truncation_tolerance=tolerance)
+      accountant=accountant, sampling=sampling, microbatch_size=micro_size,
+      num_microbatches=num_micro, target_epsilon=target, truncation_tolerance=tolerance,
+      mechanism=mechanism, sensitivity=sensitivity, groups=groups)
 
   done_steps = sum(s.steps for s in done)
   _check(done_steps < steps, f"config.steps={steps} are already done.")

@@ -1,0 +1,64 @@
+"""Zero-shot classification with a contrastive model's two towers (CLIP's prompt ensembles).
+
+Each class is the mean text embedding of its prompts (`templates`, each with one `{}` for the
+class name), re-normalised; an image is assigned the class whose embedding is most similar to
+its image embedding. Top-1 accuracy on a labelled public source.
+
+Config (`config.evals.<name>`, type "zero_shot"): data (a labelled source of the data layer),
+label_key, class_names (index = label), templates, size (images scored).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpvl.data import sources
+from dpvl.evaluate.linear_probe import chunked
+from dpvl.evaluate.linear_probe import load_labelled
+from dpvl.models.clip import l2_normalize
+from dpvl.privacy.plan import ConfigError
+from dpvl.privacy.plan import get_field
+
+
+def image_and_text_embedders(objective, name: str):
+  """(images [n, S, S, 3] -> [n, d], tokens [n, L] -> [n, d]) chunked embedders of a
+  contrastive objective, each taking the full parameters."""
+  dual = objective.dual_encoder
+  if dual is None:
+    raise ConfigError(f"config.evals.{name} needs a contrastive objective (dpclip), not "
+                      f"{objective.name!r}.")
+  embed = lambda fn, key, tower: chunked(lambda params, x: jax.vmap(
+      lambda one: fn(params[tower], {key: one}))(x))
+  return (embed(dual.embed_image, "image", "image"), embed(dual.embed_text, "tokens", "text"))
+
+
+def class_embeddings(text_embeddings: np.ndarray, num_classes: int) -> jax.Array:
+  """[num_classes * templates, d] prompt embeddings (class-major) -> [num_classes, d]."""
+  per_class = text_embeddings.reshape(num_classes, -1, text_embeddings.shape[-1])
+  return l2_normalize(jnp.mean(per_class, axis=1))
+
+
+def build(config, name: str, objective):
+  """params -> {top1, chance, skipped}: zero-shot accuracy of `config.evals.<name>`."""
+  field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
+  class_names, templates = list(field("class_names")), list(field("templates"))
+  if not class_names or not templates or any("{}" not in t for t in templates):
+    raise ConfigError(f"config.evals.{name} needs class_names and templates with '{{}}'.")
+  embed_images, embed_texts = image_and_text_embedders(objective, name)
+  try:
+    images, labels, skipped = load_labelled(sources.build_source(field("data")),
+                                            int(field("size")), objective.image_size,
+                                            field("label_key", "label"))
+  except ValueError as e:
+    raise ConfigError(f"config.evals.{name}.data: {e}") from None
+  if labels.min() < 0 or labels.max() >= len(class_names):
+    raise ConfigError(f"config.evals.{name}: labels must index class_names.")
+  prompts = np.stack([objective.tokenize(t.format(c)) for c in class_names for t in templates])
+
+  def evaluate(params):
+    classes = class_embeddings(embed_texts(params, prompts), len(class_names))
+    predictions = np.argmax(embed_images(params, images) @ np.asarray(classes).T, axis=1)
+    return dict(top1=float(np.mean(predictions == labels)), chance=1.0 / len(class_names),
+                skipped=sum(skipped.values()))
+
+  return evaluate

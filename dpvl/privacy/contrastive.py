@@ -1,0 +1,301 @@
+"""DP mechanisms for the batch-coupled contrastive loss of a dual encoder (DP-CLIP).
+
+The loss. For image embeddings u_i and text embeddings v_j (L2-normalised, so the cosine
+similarity s_ij = <u_i, v_j> lies in [-1, 1]) and a fixed temperature tau, the symmetric InfoNCE
+loss of pair i in a batch is
+  l_i = 1/2 [ -s_ii/tau + logsumexp_j s_ij/tau ] + 1/2 [ -s_ii/tau + logsumexp_j s_ji/tau ],
+over the valid (unmasked) pairs of the batch. Pair i's loss depends on every other pair's
+embeddings, so clipping each pair's gradient of l_i bounds nothing: adding one pair moves every
+other l_i (it is a new negative for all of them), and the summed clipped gradients move by up
+to ~n C (`tests/test_contrastive.py` measures it). Two mechanisms bound the move instead. Both
+declare the L2 sensitivity Delta of the summed gradient under adding or removing one pair (the
+neighbouring relation of the accountant); the noise is N(0, (sigma Delta)^2 I), so the
+accountant's noise multiplier sigma means what it means for DP-SGD. Replacing a pair is a
+removal plus an addition: 2 Delta.
+
+`per_batch` (Huang et al., DP-CLIP): the step's pairs are split into groups; each group's
+summed contrastive loss couples only the pairs of that group, its gradient is clipped to C as a
+unit, and the clipped group gradients are summed. A pair's group is a keyed hash of its record
+index and the step (`hash_groups`), not its position in the batch, so adding or removing a pair
+changes exactly one group. That group's clipped gradient goes from a to a' with ||a||, ||a'|| <=
+C, so Delta = 2C (C when the pair was alone in its group; 2C in general).
+
+`logit_dp` (Kong, Munoz Medina, Ribero, arXiv 2310.03104): the gradient of the summed loss
+L = sum_i l_i decomposes through the similarities, grad L = sum_ij a_ij grad s_ij with
+a_ij = dL/ds_ij. Each pairwise similarity gradient g_ij = grad_w s_ij is clipped to norm B and
+recombined with the same coefficients: g = sum_ij a_ij clip_B(g_ij). Sensitivity: add pair k to
+a batch of n pairs (P, Q the row and column softmaxes of s/tau, primes after the addition).
+Terms (i, j) with i, j != k keep their clip_B(g_ij) (it depends on x_i, y_j and the parameters
+only) and change coefficient; terms in row or column k are new. With
+a_ij = (1/(2 tau)) [(P_ij - [i=j]) + (Q_ij - [i=j])]:
+  row k:        sum_j |a'_kj|             <= (1/(2 tau)) [2(1 - P'_kk) + (1 - Q'_kk) + sum_{j!=k} Q'_kj]
+  column k:     sum_{i!=k} |a'_ik|        <= (1/(2 tau)) [sum_{i!=k} P'_ik + (1 - Q'_kk)]
+  other terms:  sum_{i,j!=k} |a'_ij-a_ij| <= (1/(2 tau)) [sum_{i!=k} P'_ik + sum_{j!=k} Q'_kj]
+(adding column k to row i rescales row i's other entries by a common factor, which moves them by
+P'_ik in L1 in total; likewise for columns). So ||g' - g|| <= B sum |coefficient changes|
+<= (B/tau) [2 + sum_{i!=k} P'_ik + sum_{j!=k} Q'_kj]. Each P'_ik <= 1/(1 + n e^(-2/tau)),
+since similarities lie in [-1, 1], and n + 1 <= M, the padded batch capacity. Hence
+  Delta = (B / tau) (2 + 2 R),   R = (M - 1) / (1 + (M - 1) e^(-2/tau)) <= min(M - 1, e^(2/tau)),
+O(1) in the batch size: the paper's (G1 + G2 + n L) B, for this loss. The temperature is fixed
+(not learnt): Delta depends on it. A small tau makes e^(2/tau) large, and then Delta grows like M.
+
+Computing every clip_B(g_ij) without n^2 backward passes (the towers share no parameter):
+g_ij = J_i^T v_j + K_j^T u_i, with J_i, K_j the Jacobians of u_i and v_j, so
+  ||g_ij||^2 = v_j^T (J_i J_i^T) v_j + u_i^T (K_j K_j^T) u_i
+from per-example d x d Gram matrices (d backward passes per example, `pair_norms="exact"`), or
+bounded by lambda_max(J_i J_i^T) + lambda_max(K_j K_j^T) (`pair_norms="bound"`, O(n) memory;
+clipping by a bound of the norm is still a clip to B). And with w_ij = a_ij min(1, B/||g_ij||),
+  g = sum_i J_i^T (sum_j w_ij v_j) + sum_j K_j^T (sum_i w_ij u_i):
+one backward pass per tower with cotangents W v and W^T u. The step is two passes over the
+micro-batches: embeddings (and Grams) first, then the weighted backward pass.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpvl.privacy import clipping
+from dpvl.privacy import noise
+from dpvl.privacy.sampling import Selection
+
+MECHANISMS = ("per_batch", "logit_dp")
+PAIR_NORMS = ("exact", "bound")
+
+
+@dataclasses.dataclass(frozen=True)
+class DualEncoder:
+  """What the contrastive mechanisms need from a model.
+
+  Parameters are a dict {"image": ..., "text": ...}: the two towers share none.
+  embed_image: (image params, example) -> L2-normalised embedding [d] of one example's image.
+  embed_text: (text params, example) -> L2-normalised embedding [d] of its caption.
+  temperature: the fixed softmax temperature tau.
+  """
+
+  embed_image: Callable[[Any, Any], jax.Array]
+  embed_text: Callable[[Any, Any], jax.Array]
+  temperature: float
+
+  def embed(self, params, examples):
+    """(u [n, d], v [n, d]) for a batch of examples."""
+    u = jax.vmap(self.embed_image, (None, 0))(params["image"], examples)
+    v = jax.vmap(self.embed_text, (None, 0))(params["text"], examples)
+    return u, v
+
+
+def contrastive_losses(sims, mask, temperature: float):
+  """Per-pair symmetric InfoNCE losses [n] from similarities [n, n]; 0 on masked pairs."""
+  logits = sims.astype(jnp.float32) / temperature
+  pair = mask[:, None] & mask[None, :]
+  logits = jnp.where(pair, logits, -1e9)  # finite: a fully masked row has finite gradients
+  diag = jnp.where(mask, jnp.diagonal(logits), 0.0)
+  rows = jax.nn.logsumexp(logits, axis=1)
+  cols = jax.nn.logsumexp(logits, axis=0)
+  losses = 0.5 * (rows - diag) + 0.5 * (cols - diag)
+  return jnp.where(mask, losses, 0.0)
+
+
+def per_batch_sensitivity(clip_norm: float) -> float:
+  """Delta of `per_batch` under add/remove: 2C (see the module docstring)."""
+  return 2.0 * clip_norm
+
+
+def logit_dp_sensitivity(clip_norm: float, temperature: float, max_batch: int) -> float:
+  """Delta of `logit_dp` under add/remove for batches of at most `max_batch` pairs."""
+  others = max(max_batch - 1, 0)
+  r = others / (1.0 + others * math.exp(-2.0 / temperature))
+  return clip_norm / temperature * (2.0 + 2.0 * r)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a bijective 64-bit mix (uint64 in, uint64 out)."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def group_of(indices: np.ndarray, key: int, step: int, groups: int) -> np.ndarray:
+  """The group in [0, groups) of each record index at `step`: a keyed hash of (index, step).
+
+  A function of the record's own index only, so adding or removing a record moves no other
+  record between groups. Fresh groups every step; the key is the run's secret seed.
+  """
+  with np.errstate(over="ignore"):
+    salt = _mix64(np.array([(key ^ (step * 0x9E3779B97F4A7C15)) & (2**64 - 1)], np.uint64))
+    h = _mix64(np.asarray(indices, np.uint64) ^ salt)
+  return (h % np.uint64(groups)).astype(np.int64)
+
+
+def hash_groups(selection: Selection, key: int, step: int, groups: int,
+                group_capacity: int) -> Selection:
+  """Lays a step's selected records out as `groups` blocks of `group_capacity` slots.
+
+  Record r goes to block `group_of(r)`; a block holds its records in index order, then padding.
+  Records beyond a full block are dropped and counted in `truncated` (the plan sizes the blocks
+  so that this is negligible and pays for it in delta, like the sampler's own truncation).
+  """
+  idx = selection.indices[selection.mask]
+  g = group_of(idx, key, step, groups)
+  order = np.lexsort((idx, g))
+  idx, g = idx[order], g[order]
+  starts = np.searchsorted(g, np.arange(groups))
+  rank = np.arange(idx.size) - starts[g]
+  keep = rank < group_capacity
+  slots = g[keep] * group_capacity + rank[keep]
+  indices = np.zeros(groups * group_capacity, np.int64)
+  mask = np.zeros(groups * group_capacity, bool)
+  indices[slots], mask[slots] = idx[keep], True
+  return Selection(indices, mask, poisson_size=selection.poisson_size,
+                   truncated=selection.truncated + int((~keep).sum()))
+
+
+def _finish(total, stats, noise_key, *, noise_std, expected_batch_size, enabled, mask):
+  """Noise once, divide by the expected batch size, metrics of the step."""
+  if enabled:
+    total = noise.add_gaussian_noise(total, noise_key, noise_std)
+  grad = jax.tree.map(lambda g: g / expected_batch_size, total)
+  examples = jnp.sum(mask)
+  metrics = dict(loss=stats["loss_sum"] / jnp.maximum(examples - stats["nonfinite"], 1),
+                 examples=examples, nonfinite=stats["nonfinite"])
+  if enabled:
+    metrics["clipped_fraction"] = stats["clipped_fraction"]
+    metrics["grad_norm_mean"] = stats["grad_norm_mean"]
+  return grad, metrics
+
+
+def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
+                       clip_norm: float, noise_std: float, expected_batch_size: int,
+                       enabled: bool = True, **_):
+  """Per-batch clipping: micro-batch g of `batch` [groups, capacity, ...] is group g.
+
+  Returns (gradient estimate, metrics) like `dpsgd.private_gradient`.
+  """
+  del rngs
+
+  def group_loss(p, group, m):
+    u, v = model.embed(p, group)
+    losses = contrastive_losses(u @ v.T, m, model.temperature)
+    return jnp.sum(losses), losses
+
+  def body(acc, xs):
+    group, m = xs
+    (_, losses), g = jax.value_and_grad(group_loss, has_aux=True)(params, group, m)
+    norm = clipping.global_norms(jax.tree.map(lambda x: x[None], g))[0]
+    ok = jnp.isfinite(norm) & jnp.all(jnp.isfinite(losses))
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30)) if enabled else 1.0
+    g = jax.tree.map(lambda x: jnp.where(ok, x.astype(jnp.float32) * scale, 0.0), g)
+    acc_g, loss_sum, nonfinite = acc
+    acc_g = jax.tree.map(jnp.add, acc_g, g)
+    loss_sum += jnp.where(ok, jnp.sum(losses), 0.0)
+    nonfinite += jnp.where(ok, 0, jnp.sum(m))
+    return (acc_g, loss_sum, nonfinite), jnp.where(ok, norm, 0.0)
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  (total, loss_sum, nonfinite), norms = jax.lax.scan(body, init, (batch, mask))
+  nonempty = jnp.any(mask, axis=1)
+  groups = jnp.maximum(jnp.sum(nonempty), 1)
+  stats = dict(loss_sum=loss_sum, nonfinite=nonfinite,
+               clipped_fraction=jnp.sum(nonempty & (norms > clip_norm)) / groups,
+               grad_norm_mean=jnp.sum(norms) / groups)
+  return _finish(total, stats, noise_key, noise_std=noise_std,
+                 expected_batch_size=expected_batch_size, enabled=enabled, mask=mask)
+
+
+def _gram(embed, params, example):
+  """(embedding [d], J J^T [d, d]) of one example, J the embedding's Jacobian."""
+  jac = jax.jacrev(embed)(params, example)
+  leaves = [j.reshape(j.shape[0], -1).astype(jnp.float32) for j in jax.tree.leaves(jac)]
+  return embed(params, example), sum(j @ j.T for j in leaves)
+
+
+def pair_norms(u, v, gram_u, gram_v, how: str = "exact"):
+  """||grad s_ij|| [n, n] (exact), or an upper bound of it (bound), from per-example Grams.
+
+  exact: sqrt(v_j^T G_i v_j + u_i^T H_j u_i); bound: sqrt(lambda_max(G_i) + lambda_max(H_j)).
+  For "bound", `gram_u`/`gram_v` may already be the eigenvalue maxima [n].
+  """
+  if how == "exact":
+    n, d = u.shape
+    a = gram_u.reshape(n, d * d) @ (v[:, :, None] * v[:, None, :]).reshape(n, d * d).T
+    b = (u[:, :, None] * u[:, None, :]).reshape(n, d * d) @ gram_v.reshape(n, d * d).T
+    return jnp.sqrt(jnp.maximum(a + b, 0.0))
+  if how == "bound":
+    top = lambda g: g if g.ndim == 1 else jnp.linalg.eigvalsh(g)[:, -1]
+    return jnp.sqrt(jnp.maximum(top(gram_u)[:, None] + top(gram_v)[None, :], 0.0))
+  raise ValueError(f"pair_norms={how!r} is unknown; choose one of {PAIR_NORMS}.")
+
+
+def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
+                      clip_norm: float, noise_std: float, expected_batch_size: int,
+                      enabled: bool = True, pair_norms_how: str = "exact", **_):
+  """Logit-DP over the whole logical batch [num_micro, micro, ...], in two passes.
+
+  Pass 1 embeds every example (and, when private, forms its Gram matrices); the pairwise
+  coefficients and clip factors are computed on the [n, n] similarities; pass 2 runs one
+  backward pass per micro-batch with the resulting cotangents. Non-private: the same two passes
+  without clipping (the exact gradient of the summed loss). Returns (gradient, metrics).
+  """
+  del rngs
+  pi, pt = params["image"], params["text"]
+
+  def embed_micro(_, micro):
+    if enabled:
+      u, gu = jax.vmap(lambda x: _gram(model.embed_image, pi, x))(micro)
+      v, gv = jax.vmap(lambda x: _gram(model.embed_text, pt, x))(micro)
+      if pair_norms_how == "bound":  # keep [n] eigenvalue maxima, not [n, d, d]
+        gu, gv = jnp.linalg.eigvalsh(gu)[:, -1], jnp.linalg.eigvalsh(gv)[:, -1]
+    else:
+      u, v = model.embed(params, micro)
+      gu = gv = jnp.zeros(u.shape[:1])
+    return None, (u, v, gu, gv)
+
+  _, (u, v, gu, gv) = jax.lax.scan(embed_micro, None, batch)
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  u, v, gu, gv, m = flat(u), flat(v), flat(gu), flat(gv), mask.reshape(-1)
+  finite = (jnp.all(jnp.isfinite(u), 1) & jnp.all(jnp.isfinite(v), 1)
+            & jnp.all(jnp.isfinite(gu.reshape(m.size, -1)), 1)
+            & jnp.all(jnp.isfinite(gv.reshape(m.size, -1)), 1))
+  valid = m & finite  # a non-finite example acts as padding (it depends on that record only)
+  zero_bad = lambda x: jnp.where(valid.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0)
+  u, v, gu, gv = map(zero_bad, (u, v, gu, gv))
+
+  sims = u @ v.T
+  total_loss = lambda s: jnp.sum(contrastive_losses(s, valid, model.temperature))
+  loss_sum, coef = jax.value_and_grad(total_loss)(sims)  # coef_ij = dL/ds_ij
+  pair = valid[:, None] & valid[None, :]
+  if enabled:
+    norms = jnp.where(pair, pair_norms(u, v, gu, gv, pair_norms_how), 0.0)
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+    weights = jnp.where(pair, coef * scale, 0.0)
+  else:
+    norms = jnp.zeros_like(sims)
+    weights = jnp.where(pair, coef, 0.0)
+  cot_u = (weights @ v).reshape(*mask.shape, -1)
+  cot_v = (weights.T @ u).reshape(*mask.shape, -1)
+
+  def backward_micro(acc, xs):
+    micro, cu, cv = xs
+
+    def weighted(p):
+      eu, ev = model.embed(p, micro)
+      return jnp.sum(eu * cu) + jnp.sum(ev * cv)
+
+    g = jax.grad(weighted)(params)
+    return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  total, _ = jax.lax.scan(backward_micro, zeros, (batch, cot_u, cot_v))
+  pairs = jnp.maximum(jnp.sum(pair), 1)
+  stats = dict(loss_sum=loss_sum, nonfinite=jnp.sum(m & ~finite),
+               clipped_fraction=jnp.sum(pair & (norms > clip_norm)) / pairs,
+               grad_norm_mean=jnp.sum(norms) / pairs)
+  return _finish(total, stats, noise_key, noise_std=noise_std,
+                 expected_batch_size=expected_batch_size, enabled=enabled, mask=mask)
+
+
+GRADIENTS = {"per_batch": per_batch_gradient, "logit_dp": logit_dp_gradient}
