@@ -1,0 +1,134 @@
+"""DP-CLIP end to end: the plan's sensitivities and noise, per-batch sensitivity on the real
+model, training with each mechanism, zero-shot and retrieval metrics, config errors."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_dpclip_config
+from dpvl import train
+from dpvl.data import sources
+from dpvl.evaluate import retrieval
+from dpvl.objectives import build_objective
+from dpvl.privacy import contrastive
+from dpvl.privacy import plan as plan_lib
+from dpvl.privacy.sampling import Selection
+from configs import evals
+
+
+def test_plans_declare_each_mechanisms_sensitivity_and_scale_the_noise():
+  plans = {m: plan_lib.build_plan(small_dpclip_config(m))
+           for m in ("per_batch", "logit_dp")}
+  pb, ld = plans["per_batch"], plans["logit_dp"]
+  c = small_dpclip_config()
+  assert pb.sensitivity == 2 * c.privacy.clip_norm and pb.noise_std == 2 * pb.noise_multiplier
+  assert pb.groups == pb.num_microbatches == round(32 / 8)
+  assert pb.microbatch_size % 8 == 0
+  assert ld.sensitivity == pytest.approx(contrastive.logit_dp_sensitivity(
+      c.privacy.clip_norm, c.model.temperature, ld.capacity))
+  assert ld.noise_std == pytest.approx(ld.noise_multiplier * ld.sensitivity)
+  # The accountant sees sigma = noise std / sensitivity: the same epsilon for every mechanism.
+  per_example = plan_lib.build_plan(small_dpclip_config("per_example"))
+  assert pb.epsilon(4) == pytest.approx(per_example.epsilon(4), rel=1e-6)
+  assert pb.summary()["truncation_probability"] < 1e-3 * pb.delta
+
+
+def _examples(objective, source, extra):
+  """Prepared examples of every record of `source`, plus `extra` (an adversarial record)."""
+  table = [objective.prepare(source[i]) for i in range(len(source))] + [extra]
+  return {k: np.stack([t[k] for t in table]) for k in table[0]}
+
+
+def _grouped(table, indices, key, step, groups, cap):
+  sel = Selection(np.asarray(indices, np.int64), np.ones(len(indices), bool), len(indices), 0)
+  sel = contrastive.hash_groups(sel, key, step, groups, cap)
+  assert sel.truncated == 0
+  batch = {k: v[sel.indices].reshape(groups, cap, *v.shape[1:]) for k, v in table.items()}
+  return batch, sel.mask.reshape(groups, cap)
+
+
+@pytest.mark.parametrize("adversary", ["random", "extreme", "duplicate_of_another"])
+def test_per_batch_sensitivity_is_never_exceeded(adversary):
+  config = small_dpclip_config()
+  objective = build_objective(config)
+  params = objective.init(jax.random.key(0))
+  source = sources.build_source(config.data)
+  rng = np.random.default_rng(0)
+  n = 200
+  extra = objective.prepare(source[n])
+  if adversary == "extreme":
+    extra["image"] = np.full_like(extra["image"], 50.0) * rng.choice([-1, 1], extra["image"].shape)
+  elif adversary == "duplicate_of_another":  # every group sees a copy of some other pair
+    extra = objective.prepare(source[3])
+  table = _examples(objective, [source[i] for i in range(n)], extra)
+  clip, groups, cap = 0.5, 4, 32
+  run = jax.jit(lambda b, m: contrastive.per_batch_gradient(
+      objective.dual_encoder, params, b, m, None, jax.random.key(0), clip_norm=clip,
+      noise_std=0.0, expected_batch_size=1)[0])
+  flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64)
+  worst = 0.0
+  for step in range(4):
+    chosen = rng.choice(n, size=40, replace=False)
+    base = flat(run(*_grouped(table, chosen, 99, step, groups, cap)))
+    added = flat(run(*_grouped(table, np.append(chosen, n), 99, step, groups, cap)))
+    moved = np.linalg.norm(added - base)
+    assert moved <= 2 * clip * (1 + 1e-5)
+    worst = max(worst, moved / (2 * clip))
+    replaced = chosen.copy()
+    replaced[0] = n  # k takes the place (and the index's group) of record chosen[0]: 4C
+    swapped = flat(run(*_grouped(table, replaced, 99, step, groups, cap)))
+    assert np.linalg.norm(swapped - base) <= 4 * clip * (1 + 1e-5)
+  print(f"per_batch {adversary}: worst measured / declared sensitivity = {worst:.3f}")
+  assert worst > 0
+
+
+@pytest.mark.parametrize("mechanism", ["per_batch", "logit_dp"])
+def test_dpclip_trains_with_each_mechanism_and_reports_zero_shot_and_recall(tmp_path, mechanism):
+  config = small_dpclip_config(mechanism)
+  config.evals = dict(
+      zero_shot=evals.scene_zero_shot("colour", size=40, image_size=16),
+      retrieval=evals.scene_retrieval(size=40, image_size=16))
+  ledger = train.run(config, str(tmp_path), log=lambda *_: None)
+  assert ledger["status"] == "completed" and ledger["steps_done"] == 4
+  assert ledger["mechanism"] == mechanism
+  assert ledger["noise_std"] == pytest.approx(ledger["noise_multiplier"] * ledger["sensitivity"])
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  train_rows = [r for r in rows if "loss" in r]
+  assert train_rows and all(math.isfinite(r["loss"]) for r in train_rows)
+  eval_rows = [r for r in rows if "zero_shot/top1" in r]
+  assert [r["step"] for r in eval_rows] == [0, 4]
+  for r in eval_rows:
+    assert 0 <= r["zero_shot/top1"] <= 1 and r["zero_shot/chance"] == pytest.approx(1 / 7)
+    assert {"retrieval/image_to_text_recall@1", "retrieval/text_to_image_recall@5"} <= set(r)
+  again = train.evaluate_checkpoint(config, str(tmp_path))  # --mode=eval reproduces the row
+  assert again["zero_shot/top1"] == pytest.approx(eval_rows[-1]["zero_shot/top1"])
+
+
+def test_non_private_contrastive_baseline_runs(tmp_path):
+  config = small_dpclip_config("per_batch", enabled=False)
+  ledger = train.run(config, str(tmp_path), log=lambda *_: None)
+  assert ledger["private"] is False and ledger["status"] == "completed"
+
+
+@pytest.mark.parametrize("objective_name,mechanism", [("dpclip", "per_example"),
+                                                      ("dpcap", "logit_dp")])
+def test_mechanism_must_fit_the_objective(tmp_path, objective_name, mechanism):
+  from conftest import small_dpcap_config
+  config = (small_dpclip_config(mechanism) if objective_name == "dpclip"
+            else small_dpcap_config(mechanism=mechanism))
+  if objective_name == "dpcap":
+    config.model.temperature = 0.5
+  with pytest.raises(plan_lib.ConfigError, match="mechanism"):
+    train.run(config, str(tmp_path), log=lambda *_: None)
+
+
+def test_recall_at_k_counts_ranks_in_both_directions():
+  sims = np.array([[0.9, 0.1, 0.0], [0.95, 0.5, 0.2], [0.0, 0.1, 0.3]])
+  got = retrieval.recall_at_k(sims, (1, 2))
+  assert got["image_to_text_recall@1"] == pytest.approx(2 / 3)  # image 1 ranks caption 0 first
+  assert got["text_to_image_recall@1"] == pytest.approx(2 / 3)  # caption 0 prefers image 1
+  assert got["image_to_text_recall@2"] == 1.0 and got["text_to_image_recall@2"] == 1.0
