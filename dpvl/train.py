@@ -294,6 +294,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
 
   log(f"{'private' if plan.enabled else 'NON-PRIVATE'} run: N={plan.dataset_size} "
       f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} C={plan.clip_norm} "
+      f"mechanism={plan.mechanism} sensitivity={plan.sensitivity:.4g} "
       f"steps={plan.steps} capacity={plan.capacity} "
       f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
       f"planned epsilon={ledger.summary['epsilon']}")
