@@ -40,6 +40,7 @@ def get_config():
 
   c.batch.expected_size = 32_768
   c.batch.microbatch_size = 2_048  # logit_dp's micro-batch (16 per device on 128 devices)
+  c.batch.slot_multiple = 128      # per_batch: a group's slots split evenly over 128 devices
 
   c.privacy.mechanism = "per_batch"
   c.privacy.group_size = 1_024

@@ -41,6 +41,7 @@ def get_config():
   c.batch = ml_collections.ConfigDict()
   c.batch.expected_size = 1_024
   c.batch.microbatch_size = 64  # logit_dp's micro-batch; per_batch uses one per group
+  c.batch.slot_multiple = 8     # per_batch: group slots rounded up to a multiple of this
 
   c.privacy = ml_collections.ConfigDict()
   c.privacy.enabled = True

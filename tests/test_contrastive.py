@@ -135,11 +135,12 @@ def test_logit_dp_without_clipping_is_the_exact_gradient_across_micro_batches():
 
   want = np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.grad(loss)(params))])
   for enabled, clip in ((False, 1.0), (True, 1e6)):
-    grad, _ = contrastive.logit_dp_gradient(
+    grad, metrics = contrastive.logit_dp_gradient(
         model, params, batch, mask, None, jax.random.key(0), clip_norm=clip, noise_std=0.0,
         expected_batch_size=1, enabled=enabled)
     got = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad)])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(loss(params)) / 7, rel=1e-5)
 
 
 def _embedding_inputs(params, targets_u, targets_v):

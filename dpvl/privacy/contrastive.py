@@ -214,20 +214,77 @@ def _gram(embed, params, example):
 
 
 def pair_norms(u, v, gram_u, gram_v, how: str = "exact"):
-  """||grad s_ij|| [n, n] (exact), or an upper bound of it (bound), from per-example Grams.
+  """||grad s_ij|| [r, c] for image rows u [r, d] and caption columns v [c, d] (exact), or an
+  upper bound of it (bound), from per-example Gram matrices [r, d, d] and [c, d, d].
 
   exact: sqrt(v_j^T G_i v_j + u_i^T H_j u_i); bound: sqrt(lambda_max(G_i) + lambda_max(H_j)).
-  For "bound", `gram_u`/`gram_v` may already be the eigenvalue maxima [n].
+  For "bound", `gram_u`/`gram_v` may already be the eigenvalue maxima [r] and [c].
   """
   if how == "exact":
-    n, d = u.shape
-    a = gram_u.reshape(n, d * d) @ (v[:, :, None] * v[:, None, :]).reshape(n, d * d).T
-    b = (u[:, :, None] * u[:, None, :]).reshape(n, d * d) @ gram_v.reshape(n, d * d).T
+    outer = lambda x: (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1)
+    a = gram_u.reshape(u.shape[0], -1) @ outer(v).T
+    b = outer(u) @ gram_v.reshape(v.shape[0], -1).T
     return jnp.sqrt(jnp.maximum(a + b, 0.0))
   if how == "bound":
     top = lambda g: g if g.ndim == 1 else jnp.linalg.eigvalsh(g)[:, -1]
     return jnp.sqrt(jnp.maximum(top(gram_u)[:, None] + top(gram_v)[None, :], 0.0))
   raise ValueError(f"pair_norms={how!r} is unknown; choose one of {PAIR_NORMS}.")
+
+
+def pairwise_cotangents(u, v, gram_u, gram_v, valid, *, temperature: float, clip_norm: float,
+                        enabled: bool, how: str = "exact"):
+  """Logit-DP's pairwise stage over image rows in blocks: O(block x n) memory.
+
+  Inputs have a leading [blocks, block] layout (the micro-batches); invalid rows are zero.
+  Returns (cotangents for u and v, same layout as u and v; stats). With
+  w_ij = dL/ds_ij min(1, B / ||grad s_ij||) (no clip factor when not `enabled`), the
+  cotangents are W v and W^T u, and dL/ds_ij = (1/(2 tau)) [(P_ij - [i=j]) + (Q_ij - [i=j])]
+  with P, Q the row and column softmaxes of s / tau over the valid pairs.
+  """
+  num_blocks, block = valid.shape
+  flat = lambda x: x.reshape(num_blocks * block, *x.shape[2:])
+  v_all, gv_all, valid_all = flat(v), flat(gram_v), flat(valid)
+
+  def logits(u_b, valid_b):
+    z = (u_b @ v_all.T) / temperature
+    return jnp.where(valid_b[:, None] & valid_all[None, :], z, -1e9)
+
+  def column_lse(acc, xs):  # pass 1: row and column log-normalisers
+    u_b, valid_b = xs
+    z = logits(u_b, valid_b)
+    return jnp.logaddexp(acc, jax.nn.logsumexp(z, axis=0)), jax.nn.logsumexp(z, axis=1)
+
+  col_lse, row_lse = jax.lax.scan(column_lse, jnp.full(valid_all.shape, -1e9),
+                                  (u, valid))
+
+  def weights_block(cot_v, xs):  # pass 2: coefficients, clip factors, cotangents
+    b, u_b, gu_b, valid_b, row_lse_b = xs
+    z = logits(u_b, valid_b)
+    pair = valid_b[:, None] & valid_all[None, :]
+    diag = (jnp.arange(block)[:, None] + b * block) == jnp.arange(valid_all.size)[None, :]
+    p = jnp.exp(z - row_lse_b[:, None])
+    q = jnp.exp(z - col_lse[None, :])
+    coef = jnp.where(pair, (0.5 * (p + q) - diag) / temperature, 0.0)
+    if enabled:
+      norms = jnp.where(pair, pair_norms(u_b, v_all, gu_b, gv_all, how), 0.0)
+      w = coef * jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+    else:
+      norms = jnp.zeros_like(z)
+      w = coef
+    z_ii = jnp.sum(jnp.where(diag & pair, z, 0.0), axis=1)
+    stats = dict(loss=jnp.sum(jnp.where(valid_b, 0.5 * (row_lse_b - z_ii), 0.0)),
+                 clipped=jnp.sum(pair & (norms > clip_norm)), norm_sum=jnp.sum(norms),
+                 z_ii=z_ii)
+    return cot_v + w.T @ u_b, (w @ v_all, stats)
+
+  xs = (jnp.arange(num_blocks), u, gram_u, valid, row_lse)
+  cot_v, (cot_u, stats) = jax.lax.scan(weights_block, jnp.zeros_like(v_all), xs)
+  col_loss = jnp.where(valid_all, 0.5 * (col_lse - flat(stats["z_ii"])), 0.0)
+  pairs = jnp.sum(valid_all) ** 2
+  out = dict(loss_sum=jnp.sum(stats["loss"]) + jnp.sum(col_loss),
+             clipped_fraction=jnp.sum(stats["clipped"]) / jnp.maximum(pairs, 1),
+             grad_norm_mean=jnp.sum(stats["norm_sum"]) / jnp.maximum(pairs, 1))
+  return cot_u, cot_v.reshape(v.shape), out
 
 
 def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
@@ -236,8 +293,9 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
   """Logit-DP over the whole logical batch [num_micro, micro, ...], in two passes.
 
   Pass 1 embeds every example (and, when private, forms its Gram matrices); the pairwise
-  coefficients and clip factors are computed on the [n, n] similarities; pass 2 runs one
-  backward pass per micro-batch with the resulting cotangents. Non-private: the same two passes
+  coefficients and clip factors are computed a micro-batch of rows at a time
+  (`pairwise_cotangents`); pass 2 runs one backward pass per micro-batch with the resulting
+  cotangents. Non-private: the same two passes
   without clipping (the exact gradient of the summed loss). Returns (gradient, metrics).
   """
   del rngs
@@ -255,28 +313,16 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
     return None, (u, v, gu, gv)
 
   _, (u, v, gu, gv) = jax.lax.scan(embed_micro, None, batch)
-  flat = lambda x: x.reshape(-1, *x.shape[2:])
-  u, v, gu, gv, m = flat(u), flat(v), flat(gu), flat(gv), mask.reshape(-1)
-  finite = (jnp.all(jnp.isfinite(u), 1) & jnp.all(jnp.isfinite(v), 1)
-            & jnp.all(jnp.isfinite(gu.reshape(m.size, -1)), 1)
-            & jnp.all(jnp.isfinite(gv.reshape(m.size, -1)), 1))
-  valid = m & finite  # a non-finite example acts as padding (it depends on that record only)
-  zero_bad = lambda x: jnp.where(valid.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0)
+  per_example = lambda x: x.reshape(*mask.shape, -1)
+  finite = (jnp.all(jnp.isfinite(u), -1) & jnp.all(jnp.isfinite(v), -1)
+            & jnp.all(jnp.isfinite(per_example(gu)), -1)
+            & jnp.all(jnp.isfinite(per_example(gv)), -1))
+  valid = mask & finite  # a non-finite example acts as padding (it depends on that record only)
+  zero_bad = lambda x: jnp.where(valid.reshape(*mask.shape, *(1,) * (x.ndim - 2)), x, 0.0)
   u, v, gu, gv = map(zero_bad, (u, v, gu, gv))
-
-  sims = u @ v.T
-  total_loss = lambda s: jnp.sum(contrastive_losses(s, valid, model.temperature))
-  loss_sum, coef = jax.value_and_grad(total_loss)(sims)  # coef_ij = dL/ds_ij
-  pair = valid[:, None] & valid[None, :]
-  if enabled:
-    norms = jnp.where(pair, pair_norms(u, v, gu, gv, pair_norms_how), 0.0)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
-    weights = jnp.where(pair, coef * scale, 0.0)
-  else:
-    norms = jnp.zeros_like(sims)
-    weights = jnp.where(pair, coef, 0.0)
-  cot_u = (weights @ v).reshape(*mask.shape, -1)
-  cot_v = (weights.T @ u).reshape(*mask.shape, -1)
+  cot_u, cot_v, stats = pairwise_cotangents(
+      u, v, gu, gv, valid, temperature=model.temperature, clip_norm=clip_norm,
+      enabled=enabled, how=pair_norms_how)
 
   def backward_micro(acc, xs):
     micro, cu, cv = xs
@@ -290,10 +336,7 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   total, _ = jax.lax.scan(backward_micro, zeros, (batch, cot_u, cot_v))
-  pairs = jnp.maximum(jnp.sum(pair), 1)
-  stats = dict(loss_sum=loss_sum, nonfinite=jnp.sum(m & ~finite),
-               clipped_fraction=jnp.sum(pair & (norms > clip_norm)) / pairs,
-               grad_norm_mean=jnp.sum(norms) / pairs)
+  stats["nonfinite"] = jnp.sum(mask & ~finite)
   return _finish(total, stats, noise_key, noise_std=noise_std,
                  expected_batch_size=expected_batch_size, enabled=enabled, mask=mask)
 

@@ -204,12 +204,16 @@ def build_plan(config, done: Sequence[accounting.Segment] = ()) -> PrivacyPlan:
     _check(isinstance(group_size, int) and group_size > 1,
            f"config.privacy.group_size must be an integer > 1, got {group_size!r}.")
     groups = max(1, round(batch / group_size))
+  # per_batch: a group's slots are rounded up to a multiple of this (the data axis' size).
+  multiple = get_field(config, "batch.slot_multiple", 8)
+  _check(isinstance(multiple, int) and multiple > 0,
+         f"config.batch.slot_multiple must be a positive integer, got {multiple!r}.")
 
   def layout(max_p):
     """(num_microbatches, microbatch_size) for a truncation probability of at most max_p."""
     cap = accounting.min_capacity(n, q, steps, max_p, groups)
-    if mechanism == "per_batch":  # one micro-batch per group, a multiple of 8 slots (sharding)
-      return groups, -(-(cap // groups) // 8) * 8
+    if mechanism == "per_batch":  # one micro-batch per group
+      return groups, -(-(cap // groups) // multiple) * multiple
     return -(-cap // micro), micro
 
   if not enabled:
