@@ -51,12 +51,24 @@ def _grouped(table, indices, key, step, groups, cap):
   return batch, sel.mask.reshape(groups, cap)
 
 
-@pytest.mark.parametrize("adversary", ["random", "extreme", "duplicate_of_another"])
-def test_per_batch_sensitivity_is_never_exceeded(adversary):
+@pytest.fixture(scope="module")
+def per_batch_setup():
+  """The small DP-CLIP model, 200 prepared records and a jitted clipped sum (noise off)."""
   config = small_dpclip_config()
   objective = build_objective(config)
   params = objective.init(jax.random.key(0))
   source = sources.build_source(config.data)
+  clip = 0.5
+  run = jax.jit(lambda b, m: contrastive.per_batch_gradient(
+      objective.dual_encoder, params, b, m, None, jax.random.key(0), clip_norm=clip,
+      noise_std=0.0, expected_batch_size=1)[0])
+  flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64)
+  return objective, source, clip, lambda b, m: flat(run(b, m))
+
+
+@pytest.mark.parametrize("adversary", ["random", "extreme", "duplicate_of_another"])
+def test_per_batch_sensitivity_is_never_exceeded(per_batch_setup, adversary):
+  objective, source, clip, clipped_sum = per_batch_setup
   rng = np.random.default_rng(0)
   n = 200
   extra = objective.prepare(source[n])
@@ -65,22 +77,18 @@ def test_per_batch_sensitivity_is_never_exceeded(adversary):
   elif adversary == "duplicate_of_another":  # every group sees a copy of some other pair
     extra = objective.prepare(source[3])
   table = _examples(objective, [source[i] for i in range(n)], extra)
-  clip, groups, cap = 0.5, 4, 32
-  run = jax.jit(lambda b, m: contrastive.per_batch_gradient(
-      objective.dual_encoder, params, b, m, None, jax.random.key(0), clip_norm=clip,
-      noise_std=0.0, expected_batch_size=1)[0])
-  flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]).astype(np.float64)
+  groups, cap = 4, 32
   worst = 0.0
   for step in range(4):
     chosen = rng.choice(n, size=40, replace=False)
-    base = flat(run(*_grouped(table, chosen, 99, step, groups, cap)))
-    added = flat(run(*_grouped(table, np.append(chosen, n), 99, step, groups, cap)))
+    base = clipped_sum(*_grouped(table, chosen, 99, step, groups, cap))
+    added = clipped_sum(*_grouped(table, np.append(chosen, n), 99, step, groups, cap))
     moved = np.linalg.norm(added - base)
     assert moved <= 2 * clip * (1 + 1e-5)
     worst = max(worst, moved / (2 * clip))
     replaced = chosen.copy()
-    replaced[0] = n  # k takes the place (and the index's group) of record chosen[0]: 4C
-    swapped = flat(run(*_grouped(table, replaced, 99, step, groups, cap)))
+    replaced[0] = n  # replace = remove chosen[0] + add k: at most two groups move, 4C
+    swapped = clipped_sum(*_grouped(table, replaced, 99, step, groups, cap))
     assert np.linalg.norm(swapped - base) <= 4 * clip * (1 + 1e-5)
   print(f"per_batch {adversary}: worst measured / declared sensitivity = {worst:.3f}")
   assert worst > 0
