@@ -270,3 +270,18 @@ def test_sentencepiece_tokenizer_from_a_model_file(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"nonsense")
     tokenizers.build_tokenizer(types.SimpleNamespace(
         type="sentencepiece", vocab_file=str(tmp_path / "bad.model"), max_len=8))
+
+
+def test_loader_worker_processes_give_the_same_batch():
+  import jax
+  spec = dict(x=jax.ShapeDtypeStruct((2,), np.float32))
+  selection = sampling.Selection(indices=np.array([1, 3, 5, 7, 9, 2, 0, 0]),
+                                 mask=np.array([1, 1, 1, 1, 1, 1, 0, 0], bool),
+                                 poisson_size=6, truncated=0)
+  threads = loader.BatchLoader(_FlakySource(), _prepare, spec, 2, 4)
+  processes = loader.BatchLoader(_FlakySource(), _prepare, spec, 2, 4, processes=2)
+  a, b = threads.load(selection), processes.load(selection)
+  processes.close()
+  np.testing.assert_array_equal(a.mask, b.mask)
+  np.testing.assert_array_equal(a.examples["x"], b.examples["x"])
+  assert a.skipped == b.skipped == {"unreadable_record": 1, "bad_record": 1}

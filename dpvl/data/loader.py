@@ -1,10 +1,10 @@
 """Turns a step's selection (indices + mask) into a padded batch of prepared examples.
 
 Records are read from any random-access source (grain's `RandomAccessDataSource` protocol:
-`__len__`, `__getitem__`) and prepared by the objective, either in a thread pool or, with
-`processes > 0`, in worker processes (spawned; each gets the source and `prepare` once, by
-cloudpickle), so image decoding runs beside the training step: `train` prepares the next
-step's batch while the device runs the current one.
+`__len__`, `__getitem__`) in a thread pool or, with `processes > 0`, in worker processes
+(spawned; each gets the source once, by cloudpickle: image decoding runs there), then prepared
+by the objective in the thread pool. `train` loads the next step's batch while the device runs
+the current one.
 
 A record that cannot be read or prepared is skipped and counted by reason (`errors.BadRecord`
 carries it; any other failure counts as `unreadable_record` when reading and `bad_record` when
@@ -33,14 +33,21 @@ class Batch:
   skipped: collections.Counter  # reason -> count
 
 
-def prepared_example(source, prepare, index: int):
-  """(prepared example, None) or (None, reason) for record `index` of `source`."""
+def read_record(source, index: int):
+  """(record, None) or (None, reason) for record `index` of `source`."""
   try:
-    record = source[int(index)]
+    return source[int(index)], None
   except errors.BadRecord as e:
     return None, e.reason
   except Exception:  # pylint: disable=broad-except
     return None, errors.UNREADABLE_RECORD
+
+
+def prepare_record(prepare, read):
+  """(prepared example, None) or (None, reason) for the result `read` of `read_record`."""
+  record, reason = read
+  if reason is not None:
+    return None, reason
   try:
     return prepare(record), None
   except errors.BadRecord as e:
@@ -49,15 +56,15 @@ def prepared_example(source, prepare, index: int):
     return None, errors.BAD_RECORD
 
 
-_WORKER = {}  # in a worker process: its source and prepare
+_WORKER = {}  # in a worker process: its source
 
 
 def _init_worker(payload: bytes) -> None:
-  _WORKER["source"], _WORKER["prepare"] = cloudpickle.loads(payload)
+  _WORKER["source"] = cloudpickle.loads(payload)
 
 
-def _worker_example(index: int):
-  return prepared_example(_WORKER["source"], _WORKER["prepare"], index)
+def _worker_read(index: int):
+  return read_record(_WORKER["source"], index)
 
 
 class BatchLoader:
@@ -70,19 +77,20 @@ class BatchLoader:
     self._prepare = prepare
     self._spec = example_spec
     self._shape = (num_microbatches, microbatch_size)
-    self._processes = int(processes)
-    if self._processes > 0:
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          self._processes, mp_context=multiprocessing.get_context("spawn"),
-          initializer=_init_worker, initargs=(cloudpickle.dumps((source, prepare)),))
-    else:
-      self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    self._processes, self._chunks = None, 4 * max(1, processes)
+    if processes > 0:
+      self._processes = concurrent.futures.ProcessPoolExecutor(
+          processes, mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker, initargs=(cloudpickle.dumps(source),))
 
   def _examples(self, indices: np.ndarray):
-    if self._processes > 0:
-      chunk = max(1, len(indices) // (4 * self._processes))
-      return self._pool.map(_worker_example, indices.tolist(), chunksize=chunk)
-    return self._pool.map(lambda i: prepared_example(self._source, self._prepare, i), indices)
+    prepare = lambda read: prepare_record(self._prepare, read)
+    if self._processes is None:
+      return self._threads.map(lambda i: prepare(read_record(self._source, i)), indices)
+    reads = self._processes.map(_worker_read, indices.tolist(),
+                                chunksize=max(1, len(indices) // self._chunks))
+    return self._threads.map(prepare, reads)
 
   def load(self, selection: Selection) -> Batch:
     """The padded batch of `selection`, shaped [num_microbatches, microbatch_size, ...]."""
@@ -104,4 +112,6 @@ class BatchLoader:
     return Batch({k: reshape(v) for k, v in examples.items()}, reshape(mask), skipped)
 
   def close(self) -> None:
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    self._threads.shutdown(wait=False, cancel_futures=True)
+    if self._processes is not None:
+      self._processes.shutdown(wait=False, cancel_futures=True)
