@@ -296,3 +296,52 @@ def test_dp_training_on_converted_array_records(converted, tmp_path):
   config.data.size = 120
   with pytest.raises(plan_lib.ConfigError, match="114"):
     train.run(config, str(tmp_path / "wrong_size"), log=lambda *_: None)
+
+
+class _FakeTfds:
+  """The slice of tensorflow_datasets that TfdsSource uses: a prepared labelled split."""
+
+  class download:  # pylint: disable=invalid-name
+    DownloadConfig = dict
+
+  def __init__(self, prepared):
+    self.prepared, self.prepare_calls = prepared, []
+
+  def builder(self, name, data_dir, file_format):
+    assert (name, file_format) == ("cifar10", "array_record")
+    fake = self
+    images = [np.full((20, 24, 1 if i % 2 else 3), i, np.uint8) for i in range(6)]
+
+    class Builder:
+      info = types_namespace(dict(features=dict(label=types_namespace(dict(num_classes=10)))))
+
+      def is_prepared(self):
+        return fake.prepared
+
+      def download_and_prepare(self, download_config):
+        fake.prepare_calls.append(download_config)
+
+      def as_data_source(self, split):
+        assert split == "test"
+        return [dict(image=im, label=np.int64(i % 10)) for i, im in enumerate(images)]
+
+    return Builder()
+
+
+def test_tfds_labelled_source_with_a_stand_in_for_tfds(monkeypatch):
+  cfg = types_namespace(dict(source="tfds", name="cifar10", split="test", image_size=16,
+                             data_dir="/data/tfds", manual_dir=""))
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", _FakeTfds(prepared=True))
+  source = sources.build_source(cfg)
+  assert len(source) == 6 and source.num_classes == 10
+  for i in (0, 1):  # colour and grayscale images
+    record = source[i]
+    assert record["image"].shape == (16, 16, 3) and record["image"].dtype == np.uint8
+    assert record["label"] == i and record["index"] == i and np.all(record["image"] == i)
+  unprepared = _FakeTfds(prepared=False)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", unprepared)
+  with pytest.raises(ValueError, match="not prepared"):
+    sources.build_source(cfg)
+  cfg.manual_dir = "/data/manual"
+  sources.build_source(cfg)  # prepares from the manual download, nothing fetched
+  assert unprepared.prepare_calls == [dict(manual_dir="/data/manual")]

@@ -6,6 +6,8 @@ with a manual download, like imagenet2012) be preparable from the archives in `m
 Records: `image` uint8 [S, S, 3] (shorter side to S, centre crop), `label`, `index`.
 """
 
+import numpy as np
+
 from dpvl.data import transforms
 
 
@@ -41,7 +43,8 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict:
     example = self._source[int(index)]
-    image = transforms.resize_center_crop(example[self._image_key], self._size)
-    if image.shape[-1] == 1:  # grayscale datasets
-      image = image.repeat(3, axis=-1)
+    image = np.asarray(example[self._image_key])
+    if image.ndim == 2 or image.shape[-1] == 1:  # grayscale datasets
+      image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=-1)
+    image = transforms.resize_center_crop(image, self._size)
     return dict(image=image, label=int(example[self._label_key]), index=int(index))
