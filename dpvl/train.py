@@ -284,7 +284,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   for step in range(start, plan.steps):
     waited = time.time()
     selection, batch = pending.result()
-    data_wait += time.time() - waited  # the device idles while the batch is not ready
+    data_wait += time.time() - waited  # bounds the time the device idled for lack of data
     if step + 1 < plan.steps:
       pending = prefetcher.submit(fetch, step + 1)  # host prepares step+1 while device runs
     truncated_total += selection.truncated
