@@ -138,6 +138,16 @@ def test_tar_source_indexes_complete_records_and_counts_the_rest(shards):
   assert source[record["index"]]["key"] == "000000007"  # random access by index
 
 
+def test_a_tar_cut_inside_a_header_loses_only_its_last_record(tmp_path):
+  wf.write_shard(tmp_path / "0.tar", 0, 3)
+  data = (tmp_path / "0.tar").read_bytes()
+  cut = data.index(b"000000002.txt") + 100  # inside the caption's header
+  (tmp_path / "0.tar").write_bytes(data[:cut])
+  source = webdataset.WebDatasetSource(str(tmp_path / "0.tar"), 16)
+  assert len(source) == 2 and source.rejected == {"truncated_tar": 1}
+  assert [source[i]["key"] for i in range(2)] == ["000000000", "000000001"]
+
+
 def test_tar_source_fails_fast_without_records(tmp_path):
   with pytest.raises(ValueError, match="no complete record"):
     webdataset.WebDatasetSource(str(tmp_path / "{0..3}.tar"), 16)

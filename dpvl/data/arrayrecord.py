@@ -66,9 +66,7 @@ class ArrayRecordSource:
     return self._n
 
   def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < self._n:
-      raise IndexError(f"index {index} out of range for {self._n} records.")
+    index = errors.check_index(index, self._n)
     try:
       blob = self._source[index]
     except Exception as e:  # pylint: disable=broad-except

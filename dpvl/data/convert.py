@@ -54,15 +54,16 @@ def convert_shard(url: str, out_dir: str, number: int) -> dict:
   tmp = out / f"{name}.array_record.tmp"
   writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
   try:
-    for key, where in index.keys:
-      try:
-        parts = dict(webdataset.read_members(url, where), __key__=key)
-        records.decode(parts, 0, _CHECK_SIZE)
-      except errors.BadRecord as e:
-        rejected[e.reason] += 1
-        continue
-      writer.write(records.pack(parts))
-      written += 1
+    with epath.Path(url).open("rb") as f:  # one open per shard: cheap on object stores too
+      for key, where in index.keys:
+        try:
+          parts = dict(webdataset.read_parts(f, where), __key__=key)
+          records.decode(parts, 0, _CHECK_SIZE)
+        except errors.BadRecord as e:
+          rejected[e.reason] += 1
+          continue
+        writer.write(records.pack(parts))
+        written += 1
   finally:
     writer.close()
   tmp.replace(out / f"{name}.array_record")
@@ -83,13 +84,13 @@ def convert(shards, out_dir: str, workers: int = 1, log=print) -> dict:
     raise ValueError(f"--from={shards!r} names no tar shard.")
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  jobs = list(enumerate(urls))
+  numbers = range(len(urls))
   if workers > 1:
     context = multiprocessing.get_context("spawn")  # safe beside threads (JAX, readers)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      results = list(pool.map(convert_shard, urls, [out_dir] * len(urls), range(len(urls))))
+      results = list(pool.map(convert_shard, urls, [out_dir] * len(urls), numbers))
   else:
-    results = [convert_shard(url, out_dir, i) for i, url in jobs]
+    results = list(map(convert_shard, urls, [out_dir] * len(urls), numbers))
   rejected = collections.Counter()
   for r in results:
     rejected.update(r["rejected"])
@@ -99,8 +100,8 @@ def convert(shards, out_dir: str, workers: int = 1, log=print) -> dict:
                missing_shards=[r["source"] for r in results if r["missing"]],
                rejected=dict(sorted(rejected.items())))
   _write_json(out / arrayrecord.INDEX, index)
-  log(f"records written: {index['num_records']}; rejected: {index['rejected']}; "
-      f"missing shards: {len(index['missing_shards'])} of {len(urls)}; index {out / arrayrecord.INDEX}")
+  log(f"records written: {index['num_records']}; rejected: {index['rejected']}; missing "
+      f"shards: {len(index['missing_shards'])} of {len(urls)}; index {out / arrayrecord.INDEX}")
   if index["num_records"] == 0:
     raise ValueError(f"no record of --from={shards!r} could be converted "
                      f"(rejected: {index['rejected']}, missing shards: "

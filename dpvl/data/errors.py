@@ -21,3 +21,11 @@ class BadRecord(ValueError):
 
   def __reduce__(self):  # picklable across worker processes
     return type(self), (self.reason, str(self).partition(": ")[2])
+
+
+def check_index(index, size: int) -> int:
+  """`index` as an int; IndexError unless 0 <= index < size (a caller's bug, not a bad record)."""
+  index = int(index)
+  if not 0 <= index < size:
+    raise IndexError(f"index {index} out of range for {size} records.")
+  return index

@@ -62,7 +62,7 @@ def decode(parts: dict, index: int, image_size: int, crop: str = "center",
 
 def pack(parts: dict) -> bytes:
   """Raw members (str keys, bytes values) as one msgpack blob."""
-  return msgpack.packb({k: v for k, v in parts.items()}, use_bin_type=True)
+  return msgpack.packb(dict(parts), use_bin_type=True)
 
 
 def unpack(blob: bytes) -> dict:

@@ -92,6 +92,9 @@ def index_shard(url: str) -> ShardIndex:
             members.setdefault(key, {})["__truncated__"] = True
             break
           members.setdefault(key, {})[ext] = [info.offset_data, info.size]
+        f.seek(tar.offset)
+        if members and f.read(1 << 16).strip(b"\0"):  # the scan stopped inside a header
+          members[next(reversed(members))]["__truncated__"] = True
     except (tarfile.ReadError, EOFError) as e:
       if not members and size and "empty" not in str(e):
         rejected[errors.TRUNCATED_TAR] += 1
@@ -144,17 +147,22 @@ def index_shards(urls: list[str], cache_dir: str | None = None, threads: int = 1
           [u for u, i in zip(urls, found) if i is None])
 
 
+def read_parts(f, parts: dict) -> dict:
+  """The members {ext: bytes} at `parts` {ext: [offset, size]} of the open shard `f`."""
+  out = {}
+  for ext, (offset, size) in parts.items():
+    f.seek(offset)
+    out[ext] = f.read(size)
+    if len(out[ext]) != size:
+      raise errors.BadRecord(errors.TRUNCATED_TAR, f"{ext} at {offset}")
+  return out
+
+
 def read_members(url: str, parts: dict) -> dict:
   """The members {ext: bytes} of one record; raises BadRecord(missing_shard/truncated_tar)."""
   try:
     with epath.Path(url).open("rb") as f:
-      out = {}
-      for ext, (offset, size) in parts.items():
-        f.seek(offset)
-        out[ext] = f.read(size)
-        if len(out[ext]) != size:
-          raise errors.BadRecord(errors.TRUNCATED_TAR, url)
-      return out
+      return read_parts(f, parts)
   except FileNotFoundError:
     raise errors.BadRecord(errors.MISSING_SHARD, url) from None
 
@@ -190,18 +198,11 @@ class WebDatasetSource:
     return len(self._parts)
 
   def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < len(self._parts):
-      raise IndexError(f"index {index} out of range for {len(self._parts)} records.")
+    index = errors.check_index(index, len(self._parts))
     key, where = self._parts[index]
     parts = read_members(self._urls[self._shard[index]], where)
     parts["__key__"] = key
     return records.decode(parts, index, self._size, self._crop, self._seed)
-
-  def members(self, index: int) -> dict:
-    """The raw members {ext: bytes, "__key__": key} of record `index` (for conversion)."""
-    key, where = self._parts[index]
-    return dict(read_members(self._urls[self._shard[index]], where), __key__=key)
 
   def __repr__(self) -> str:
     return (f"WebDatasetSource({len(self._urls)} shards, {len(self)} records, "
