@@ -285,3 +285,18 @@ def test_loader_worker_processes_give_the_same_batch():
   np.testing.assert_array_equal(a.mask, b.mask)
   np.testing.assert_array_equal(a.examples["x"], b.examples["x"])
   assert a.skipped == b.skipped == {"unreadable_record": 1, "bad_record": 1}
+
+
+def test_each_host_loads_only_its_share_of_the_batch():
+  import jax
+  spec = dict(x=jax.ShapeDtypeStruct((2,), np.float32))
+  selection = sampling.PoissonSampler(10, 0.5, capacity=8, seed=4).select(0)
+  full = loader.BatchLoader(_FlakySource(), _prepare, spec, 2, 4).load(selection)
+  shares = [loader.BatchLoader(_FlakySource(), _prepare, spec, 2, 4, host=h,
+                               num_hosts=2).load(selection) for h in range(2)]
+  assert all(s.mask.shape == (2, 2) and s.examples["x"].shape == (2, 2, 2) for s in shares)
+  # The hosts' rows side by side are the global batch (micro-batch axis sharded over hosts).
+  np.testing.assert_array_equal(np.concatenate([s.mask for s in shares], 1), full.mask)
+  np.testing.assert_array_equal(np.concatenate([s.examples["x"] for s in shares], 1),
+                                full.examples["x"])
+  assert shares[0].skipped + shares[1].skipped == full.skipped

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from dpvl.data import errors
-from dpvl.privacy.sampling import Selection
+from dpvl.privacy import sampling
 
 
 @dataclasses.dataclass
@@ -72,11 +72,17 @@ class BatchLoader:
 
   def __init__(self, source, prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]],
                example_spec: Mapping[str, jax.ShapeDtypeStruct], num_microbatches: int,
-               microbatch_size: int, workers: int = 4, processes: int = 0):
+               microbatch_size: int, workers: int = 4, processes: int = 0, host: int = 0,
+               num_hosts: int = 1):
+    """With `num_hosts` > 1, `load` reads only host `host`'s share of each selection
+    (`sampling.host_slots`) and returns it shaped [num_microbatches, microbatch_size /
+    num_hosts, ...]: the rows of the global batch that this host's devices hold."""
     self._source = source
     self._prepare = prepare
     self._spec = example_spec
-    self._shape = (num_microbatches, microbatch_size)
+    self._capacity = num_microbatches * microbatch_size
+    self._slots = sampling.host_slots(num_microbatches, microbatch_size, host, num_hosts)
+    self._shape = (num_microbatches, microbatch_size // num_hosts)
     self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
     self._processes, self._chunks = None, 4 * max(1, processes)
     if processes > 0:
@@ -92,12 +98,14 @@ class BatchLoader:
                                 chunksize=max(1, len(indices) // self._chunks))
     return self._threads.map(prepare, reads)
 
-  def load(self, selection: Selection) -> Batch:
-    """The padded batch of `selection`, shaped [num_microbatches, microbatch_size, ...]."""
-    capacity = self._shape[0] * self._shape[1]
-    if selection.mask.size != capacity:
-      raise ValueError(f"selection has {selection.mask.size} slots, the batch {capacity}.")
-    examples = {name: np.zeros((capacity, *s.shape), s.dtype) for name, s in self._spec.items()}
+  def load(self, selection: sampling.Selection) -> Batch:
+    """The padded batch of `selection` (this host's share), [num_microbatches, width, ...]."""
+    if selection.mask.size != self._capacity:
+      raise ValueError(f"selection has {selection.mask.size} slots, the batch "
+                       f"{self._capacity}.")
+    selection = selection.take(self._slots)
+    examples = {name: np.zeros((selection.mask.size, *s.shape), s.dtype)
+                for name, s in self._spec.items()}
     mask = selection.mask.copy()
     skipped = collections.Counter()
     slots = np.flatnonzero(mask)
