@@ -152,8 +152,12 @@ def test_tar_source_fails_fast_without_records(tmp_path):
   with pytest.raises(ValueError, match="no complete record"):
     webdataset.WebDatasetSource(str(tmp_path / "{0..3}.tar"), 16)
   (tmp_path / "empty.tar").write_bytes(b"")
-  with pytest.raises(ValueError, match="no complete record"):
-    webdataset.WebDatasetSource(str(tmp_path / "empty.tar"), 16)
+  (tmp_path / "zeros.tar").write_bytes(bytes(10240))  # a valid tar with no member
+  with pytest.raises(ValueError, match=r"no complete record.*rejected \{\}"):
+    webdataset.WebDatasetSource(f"{tmp_path}/empty.tar,{tmp_path}/zeros.tar", 16)
+  (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 50)
+  with pytest.raises(ValueError, match="'truncated_tar': 1"):
+    webdataset.WebDatasetSource(str(tmp_path / "junk.tar"), 16)
   with pytest.raises(ValueError, match="names no tar shard"):
     webdataset.WebDatasetSource(str(tmp_path / "*.nothing"), 16)
 

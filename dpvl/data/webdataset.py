@@ -95,12 +95,13 @@ def index_shard(url: str) -> ShardIndex:
         f.seek(tar.offset)
         if members and f.read(1 << 16).strip(b"\0"):  # the scan stopped inside a header
           members[next(reversed(members))]["__truncated__"] = True
-    except (tarfile.ReadError, EOFError) as e:
-      if not members and size and "empty" not in str(e):
-        rejected[errors.TRUNCATED_TAR] += 1
-      elif members:
-        last = next(reversed(members))
-        members[last]["__truncated__"] = True
+    except (tarfile.ReadError, EOFError):  # a header that does not parse
+      if members:  # the record being read when it broke off is incomplete
+        members[next(reversed(members))]["__truncated__"] = True
+      else:
+        f.seek(0)
+        if f.read(1 << 16).strip(b"\0"):  # not an empty archive: a broken one
+          rejected[errors.TRUNCATED_TAR] += 1
   keys = []
   for key, parts in members.items():
     if parts.pop("__truncated__", False):
