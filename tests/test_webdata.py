@@ -4,6 +4,7 @@ ArrayRecord converter, and DP training on both, with every bad record counted by
 import collections
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -200,6 +201,8 @@ def test_converter_writes_the_good_records_and_counts_the_rejected(shards, conve
   assert json.load(open(os.path.join(converted["out"], "index.json"))) == index
   source = arrayrecord.ArrayRecordSource(converted["out"], image_size=16)
   assert len(source) == 114 and source.rejected == index["rejected"]
+  copy = pickle.loads(pickle.dumps(source))  # as worker processes receive it
+  np.testing.assert_array_equal(copy[3]["image"], source[3]["image"])
   good, bad = _read_all(source)
   assert not bad
   assert {int(k): r["caption"] for k, r in good.items()} == shards["captions"]
