@@ -19,7 +19,12 @@ N = 233_000_000
 def get_config():
   c = vip_tiny.get_config()
   c.steps = 6_000
-  c.data.source = "shape_scenes"  # replaced by the LAION source at scale
+  # LAION converted to ArrayRecord (`python -m dpvl.data.convert`; docs/data.md): the images
+  # are read, the captions are not used by ViP.
+  c.data.source = "array_record"
+  c.data.path = "gs://YOUR_BUCKET/laion233m-arrayrecord"
+  c.data.crop = "random_resized"
+  c.data.workers = 16
   c.data.size = N
   c.data.image_size = 224
   c.model = ml_collections.ConfigDict(dict(

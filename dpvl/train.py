@@ -274,7 +274,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   noise_key = jax.random.key(meta["secret_seed"] ^ 0x6E6F697365)
   example_key = jax.random.key(config.seed)
   loader = loader_lib.BatchLoader(source, objective.prepare, objective.example_spec,
-                                  plan.num_microbatches, plan.microbatch_size)
+                                  plan.num_microbatches, plan.microbatch_size,
+                                  processes=plan_lib.get_field(config, "data.workers", 0))
   train_step = jax.jit(make_train_step(gradient, optimizer, plan), donate_argnums=0)
 
   writer = metrics_lib.MetricsWriter(workdir)
@@ -307,13 +308,15 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
 
   prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   t0 = time.time()
-  skipped_total, truncated_total = {}, 0
+  skipped_total, truncated_total, data_wait = {}, 0, 0.0
   pending = prefetcher.submit(fetch, start) if start < plan.steps else None
   if start == 0 < plan.steps:
     run_evals(0)  # the untrained (or warm-started) encoder: the baseline of every eval
   window = []
   for step in range(start, plan.steps):
+    waited = time.time()
     selection, batch = pending.result()
+    data_wait += time.time() - waited  # bounds the time the device idled for lack of data
     if step + 1 < plan.steps:
       pending = prefetcher.submit(fetch, step + 1)  # host prepares step+1 while device runs
     truncated_total += selection.truncated
@@ -329,7 +332,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       eps = plan.epsilon(done)
       row = dict(step=done, loss=float(np.mean([m["loss"] for m in window])),
                  epsilon=_none_if_inf(eps), examples=int(window[-1]["examples"]),
-                 seconds=round(time.time() - t0, 3), truncated=truncated_total,
+                 seconds=round(time.time() - t0, 3), data_wait_seconds=round(data_wait, 3),
+                 truncated=truncated_total,
                  skipped=dict(skipped_total),
                  **{k: float(window[-1][k]) for k in ("clipped_fraction", "grad_norm_mean")
                     if k in window[-1]})
@@ -343,6 +347,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       run_evals(done)
 
   prefetcher.shutdown(wait=False)
+  loader.close()
   final = int(state["step"])
   if final < plan.configured_steps:
     status = "budget_exhausted"

@@ -1,5 +1,7 @@
 """Base of the generated sources: record i is a pure function of (seed, i), nothing stored."""
 
+from dpvl.data import errors
+
 
 class GeneratedSource:
   """Random-access source (grain `RandomAccessDataSource` protocol) of generated records.
@@ -20,9 +22,7 @@ class GeneratedSource:
     return self._n
 
   def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not 0 <= index < self._n:
-      raise IndexError(f"index {index} out of range for {self._n} records.")
+    index = errors.check_index(index, self._n)
     return self.record(index)
 
   def record(self, index: int) -> dict:

@@ -1,21 +1,29 @@
 """Turns a step's selection (indices + mask) into a padded batch of prepared examples.
 
 Records are read from any random-access source (grain's `RandomAccessDataSource` protocol:
-`__len__`, `__getitem__`) and prepared by the objective in a thread pool; the next step's batch
-can be prepared while the device runs the current one. A record that cannot be read or prepared is
-skipped and counted by reason: its slot becomes padding. That is private, because whether a
-record is skipped depends on that record only.
+`__len__`, `__getitem__`) in a thread pool or, with `processes > 0`, in worker processes
+(spawned; each gets the source once, by cloudpickle: image decoding runs there), then prepared
+by the objective in the thread pool. `train` loads the next step's batch while the device runs
+the current one.
+
+A record that cannot be read or prepared is skipped and counted by reason (`errors.BadRecord`
+carries it; any other failure counts as `unreadable_record` when reading and `bad_record` when
+preparing): its slot becomes padding. That is private, because whether a record is skipped
+depends on that record only. The batch is the same whichever way it was made.
 """
 
 import collections
 import concurrent.futures
 import dataclasses
+import multiprocessing
 from typing import Any, Callable, Mapping
 
+import cloudpickle
 import jax
 import numpy as np
 
-from dpvl.privacy.sampling import Selection
+from dpvl.data import errors
+from dpvl.privacy import sampling
 
 
 @dataclasses.dataclass
@@ -25,39 +33,83 @@ class Batch:
   skipped: collections.Counter  # reason -> count
 
 
+def read_record(source, index: int):
+  """(record, None) or (None, reason) for record `index` of `source`."""
+  try:
+    return source[int(index)], None
+  except errors.BadRecord as e:
+    return None, e.reason
+  except Exception:  # pylint: disable=broad-except
+    return None, errors.UNREADABLE_RECORD
+
+
+def prepare_record(prepare, read):
+  """(prepared example, None) or (None, reason) for the result `read` of `read_record`."""
+  record, reason = read
+  if reason is not None:
+    return None, reason
+  try:
+    return prepare(record), None
+  except errors.BadRecord as e:
+    return None, e.reason
+  except Exception:  # pylint: disable=broad-except
+    return None, errors.BAD_RECORD
+
+
+_WORKER = {}  # in a worker process: its source
+
+
+def _init_worker(payload: bytes) -> None:
+  _WORKER["source"] = cloudpickle.loads(payload)
+
+
+def _worker_read(index: int):
+  return read_record(_WORKER["source"], index)
+
+
 class BatchLoader:
   """Reads, prepares and pads the examples of a selection."""
 
   def __init__(self, source, prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]],
                example_spec: Mapping[str, jax.ShapeDtypeStruct], num_microbatches: int,
-               microbatch_size: int, workers: int = 4):
+               microbatch_size: int, workers: int = 4, processes: int = 0, host: int = 0,
+               num_hosts: int = 1):
+    """With `num_hosts` > 1, `load` reads only host `host`'s share of each selection
+    (`sampling.host_slots`) and returns it shaped [num_microbatches, microbatch_size /
+    num_hosts, ...]: the rows of the global batch that this host's devices hold."""
     self._source = source
     self._prepare = prepare
     self._spec = example_spec
-    self._shape = (num_microbatches, microbatch_size)
-    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    self._capacity = num_microbatches * microbatch_size
+    self._slots = sampling.host_slots(num_microbatches, microbatch_size, host, num_hosts)
+    self._shape = (num_microbatches, microbatch_size // num_hosts)
+    self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    self._processes, self._chunks = None, 4 * max(1, processes)
+    if processes > 0:
+      self._processes = concurrent.futures.ProcessPoolExecutor(
+          processes, mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker, initargs=(cloudpickle.dumps(source),))
 
-  def _example(self, index: int):
-    try:
-      record = self._source[int(index)]
-    except Exception as e:  # pylint: disable=broad-except
-      return None, f"unreadable record ({type(e).__name__})"
-    try:
-      return self._prepare(record), None
-    except Exception as e:  # pylint: disable=broad-except
-      return None, f"bad record ({type(e).__name__}: {e})"[:120]
+  def _examples(self, indices: np.ndarray):
+    prepare = lambda read: prepare_record(self._prepare, read)
+    if self._processes is None:
+      return self._threads.map(lambda i: prepare(read_record(self._source, i)), indices)
+    reads = self._processes.map(_worker_read, indices.tolist(),
+                                chunksize=max(1, len(indices) // self._chunks))
+    return self._threads.map(prepare, reads)
 
-  def load(self, selection: Selection) -> Batch:
-    """The padded batch of `selection`, shaped [num_microbatches, microbatch_size, ...]."""
-    capacity = self._shape[0] * self._shape[1]
-    if selection.mask.size != capacity:
-      raise ValueError(f"selection has {selection.mask.size} slots, the batch {capacity}.")
-    examples = {name: np.zeros((capacity, *s.shape), s.dtype) for name, s in self._spec.items()}
+  def load(self, selection: sampling.Selection) -> Batch:
+    """The padded batch of `selection` (this host's share), [num_microbatches, width, ...]."""
+    if selection.mask.size != self._capacity:
+      raise ValueError(f"selection has {selection.mask.size} slots, the batch "
+                       f"{self._capacity}.")
+    selection = selection.take(self._slots)
+    examples = {name: np.zeros((selection.mask.size, *s.shape), s.dtype)
+                for name, s in self._spec.items()}
     mask = selection.mask.copy()
     skipped = collections.Counter()
     slots = np.flatnonzero(mask)
-    for slot, (example, reason) in zip(
-        slots, self._pool.map(self._example, selection.indices[slots])):
+    for slot, (example, reason) in zip(slots, self._examples(selection.indices[slots])):
       if reason is not None:
         mask[slot] = False
         skipped[reason] += 1
@@ -66,3 +118,8 @@ class BatchLoader:
         examples[name][slot] = value
     reshape = lambda x: x.reshape(*self._shape, *x.shape[1:])
     return Batch({k: reshape(v) for k, v in examples.items()}, reshape(mask), skipped)
+
+  def close(self) -> None:
+    self._threads.shutdown(wait=False, cancel_futures=True)
+    if self._processes is not None:
+      self._processes.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,9 @@
 * `WordPieceTokenizer`: a public BERT-style `vocab.txt` (e.g. bert-base-uncased, 30,522 pieces),
   lowercased, accents stripped, greedy longest-match-first; [CLS] = BOS, [SEP] = EOS.
 
+* `SentencePieceTokenizer`: a public sentencepiece model file (`.model`); its BOS and EOS, and
+  its pad piece or, if it has none, one extra id after its pieces.
+
 `encode(text)` returns int32 [max_len]: BOS, tokens, EOS, then pad. A text too long is cut to
 max_len keeping BOS and dropping EOS (the model then sees no end for that caption). Bytes are
 decoded as UTF-8 (errors="replace"); other non-text input is a TypeError. `decode(ids)` stops at
@@ -165,10 +168,47 @@ class WordPieceTokenizer(_Tokenizer):
     return " ".join(words)
 
 
+class SentencePieceTokenizer(_Tokenizer):
+  """Pieces of a public sentencepiece model file (`tokenizer.vocab_file`)."""
+
+  def __init__(self, model_file: str, max_len: int):
+    super().__init__(max_len)
+    try:
+      import sentencepiece  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ValueError("tokenizer.type='sentencepiece' needs the sentencepiece package: pip "
+                       "install sentencepiece") from None
+    if not model_file or not os.path.isfile(model_file):
+      raise ValueError(f"tokenizer.vocab_file={model_file!r} is not a readable file.")
+    try:
+      self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"tokenizer.vocab_file={model_file!r} is not a sentencepiece model: "
+                       f"{e}") from None
+    pieces = self._sp.get_piece_size()
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise ValueError(f"tokenizer.vocab_file={model_file!r} has no BOS or EOS piece.")
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else pieces
+    self.vocab_size = pieces + (self.pad_id == pieces)
+
+  def _ids(self, text):
+    return self._sp.encode(text)
+
+  def _text(self, ids):
+    return self._sp.decode([i for i in ids if 0 <= i < self._sp.get_piece_size()])
+
+
+TYPES = ("byte", "wordpiece", "sentencepiece")
+
+
 def build_tokenizer(cfg) -> _Tokenizer:
-  """From config.tokenizer: `type` ("byte" or "wordpiece"), `vocab_file`, `max_len`."""
+  """From config.tokenizer: `type` (one of TYPES), `vocab_file` (vocab.txt or .model),
+  `max_len`."""
   if cfg.type == "byte":
     return ByteTokenizer(cfg.max_len)
   if cfg.type == "wordpiece":
     return WordPieceTokenizer(cfg.vocab_file, cfg.max_len)
-  raise ValueError(f"tokenizer.type={cfg.type!r} is unknown; choose 'byte' or 'wordpiece'.")
+  if cfg.type == "sentencepiece":
+    return SentencePieceTokenizer(cfg.vocab_file, cfg.max_len)
+  raise ValueError(f"tokenizer.type={cfg.type!r} is unknown; choose one of {TYPES}.")

@@ -1,7 +1,15 @@
-"""Host-side example transforms with fixed public constants (nothing is fit on private data)."""
+"""Host-side example transforms with fixed public constants (nothing is fit on private data):
+image decoding, crops, normalisation, caption cleaning."""
+
+import io
+import math
+import re
+import unicodedata
 
 import numpy as np
 from PIL import Image
+
+from dpvl.data import errors
 
 MEAN, STD = 0.5, 0.5  # per channel, on [0, 1] pixels: maps [0, 255] to [-1, 1]
 
@@ -36,3 +44,71 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
   top, left = (nh - size) // 2, (nw - size) // 2
   return resized[top:top + size, left:left + size]
+
+
+def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
+  """JPEG/PNG/WebP bytes -> uint8 [H, W, 3] (RGB); raises BadRecord(corrupt_image).
+
+  With `min_size`, a JPEG is decoded at the smallest DCT scale whose shorter side is still at
+  least `min_size` (much faster for large images; the pixels a resize to `min_size` needs).
+  A truncated file is an error, never a half-grey image.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      if min_size and im.format == "JPEG":
+        w, h = im.size
+        scale = min_size / max(1, min(w, h))
+        im.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+      image = np.asarray(im.convert("RGB"))
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise errors.BadRecord(errors.CORRUPT_IMAGE, f"{type(e).__name__}: {e}"[:100]) from None
+  if image.ndim != 3 or min(image.shape[:2]) < 1:
+    raise errors.BadRecord(errors.CORRUPT_IMAGE, f"shape {image.shape}")
+  return image
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: a random box of `scale` of the area and aspect
+  `ratio` (log-uniform), resized (bicubic); the centre crop if 10 draws find no box.
+
+  The randomness comes from `rng` only; seed it from (seed, record index): the crop of a record
+  then depends on that record alone, as per-example privacy needs.
+  """
+  image = np.asarray(image)
+  h, w = image.shape[:2]
+  area = h * w
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+      box = image[top:top + ch, left:left + cw]
+      return np.asarray(Image.fromarray(box).resize((size, size), Image.BICUBIC))
+  return resize_center_crop(image, size)
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def clean_caption(raw) -> str:
+  """Caption bytes or text -> NFC text, control characters dropped, whitespace collapsed.
+
+  Raises BadRecord(non_utf8_caption) for bytes that are not UTF-8 and BadRecord(empty_caption)
+  when nothing is left.
+  """
+  if isinstance(raw, bytes):
+    try:
+      raw = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      raise errors.BadRecord(errors.NON_UTF8_CAPTION) from None
+  if not isinstance(raw, str):
+    raise errors.BadRecord(errors.EMPTY_CAPTION, f"caption is {type(raw).__name__}")
+  text = unicodedata.normalize("NFC", raw.removeprefix("\ufeff"))
+  text = "".join(" " if c.isspace() else c for c in text
+                 if c.isspace() or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co"))
+  text = _SPACE.sub(" ", text).strip()
+  if not text:
+    raise errors.BadRecord(errors.EMPTY_CAPTION)
+  return text

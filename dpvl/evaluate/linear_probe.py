@@ -111,7 +111,7 @@ def load_images(source, count: int, image_size: int, extract):
       image = transforms.normalize_image(
           transforms.resize_center_crop(record["image"], image_size))
     except (KeyError, TypeError, ValueError, OSError) as e:
-      reason = type(e).__name__
+      reason = getattr(e, "reason", type(e).__name__)  # a data-layer BadRecord names its reason
       skipped[reason] = skipped.get(reason, 0) + 1
     else:
       images.append(image)

@@ -13,7 +13,9 @@ likely, probability 1 / C(N, k). Steps 1 and 2 draw exactly this pair, so
 P(S) = Binomial(N, q)(k) / C(N, k) = q^k (1-q)^(N-k).
 
 numpy's `Generator.choice(N, K, replace=False)` draws the K-subset in O(K) time and memory for
-K << N (Floyd's algorithm with a hash set) and returns it in uniformly random order.
+K << N (Floyd's algorithm with a hash set; measured: q up to about 2%, which covers the paper
+runs at 0.56% and 0.04%; above that numpy permutes all N, still exact but O(N)) and returns it
+in uniformly random order. `benchmarks/sampler.py` times it at N = 233M.
 
 Fixed shapes: the batch is padded to `capacity` slots with a mask. If K > capacity, the first
 `capacity` of the randomly ordered indices are kept: a uniformly random subset, exactly the
@@ -21,7 +23,10 @@ truncated Poisson mechanism that `accounting` accounts for. The plan sizes `capa
 this is negligible (`accounting.min_capacity`).
 
 The selection of step t is a pure function of (seed, t): any host can compute it, and the only
-sampler state a checkpoint needs is the seed and the step. The seed must be secret (the
+sampler state a checkpoint needs is the seed and the step. On H hosts every host computes the
+whole selection (O(expected batch), no communication) and reads only its share of it,
+`host_slots(...)`: the columns of each micro-batch that its devices hold under the batch
+sharding P(None, 'data'). The shares are disjoint and cover all slots. The seed must be secret (the
 adversary must not know who was sampled); `train` draws it from the OS by default.
 """
 
@@ -44,6 +49,29 @@ class Selection:
   @property
   def size(self) -> int:
     return int(self.mask.sum())
+
+  def take(self, slots: np.ndarray) -> "Selection":
+    """The slots `slots` of this selection (e.g. one host's share); sizes stay global."""
+    return dataclasses.replace(self, indices=self.indices[slots], mask=self.mask[slots])
+
+
+def host_slots(num_microbatches: int, microbatch_size: int, host: int,
+               num_hosts: int) -> np.ndarray:
+  """Flat slot numbers [num_microbatches * microbatch_size / num_hosts] that host `host` loads.
+
+  Slots are laid out [num_microbatches, microbatch_size] and the micro-batch axis is sharded
+  over the hosts' devices, so host h holds the h-th contiguous block of columns of every
+  micro-batch. The blocks of hosts 0..H-1 are disjoint and together cover every slot.
+  """
+  if not 0 <= host < num_hosts:
+    raise ValueError(f"host must be in [0, {num_hosts}), got {host}.")
+  if microbatch_size % num_hosts:
+    raise ValueError(f"microbatch_size={microbatch_size} must be divisible by the "
+                     f"{num_hosts} hosts.")
+  width = microbatch_size // num_hosts
+  grid = np.arange(num_microbatches * microbatch_size).reshape(num_microbatches,
+                                                               microbatch_size)
+  return grid[:, host * width:(host + 1) * width].ravel()
 
 
 @dataclasses.dataclass(frozen=True)

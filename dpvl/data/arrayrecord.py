@@ -1,0 +1,81 @@
+"""ArrayRecord datasets written by `dpvl.data.convert`: grain's native random-access format.
+
+A dataset directory holds `shard-XXXXX.array_record` files (one entry per record: its raw
+members, `records.pack`) and `index.json`: `num_records` (N, public: the accountant's dataset
+size), the shards with their record counts, and what the conversion rejected, by reason.
+"""
+
+import bisect
+import dataclasses
+import json
+
+import grain
+from etils import epath
+
+from dpvl.data import errors
+from dpvl.data import records
+
+INDEX = "index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileInstruction:
+  """grain/array_record's FileInstruction protocol: read a shard without counting it first."""
+  filename: str
+  skip: int
+  take: int
+  examples_in_shard: int
+
+
+def read_index(directory: str) -> dict:
+  path = epath.Path(directory) / INDEX
+  if not path.exists():
+    raise ValueError(f"data.path={directory!r} has no {INDEX}; write one with "
+                     "`python -m dpvl.data.convert --from=SHARDS --to=DIR`.")
+  return json.loads(path.read_text())
+
+
+class ArrayRecordSource:
+  """Random-access source (grain `RandomAccessDataSource` protocol) over a converted dataset.
+
+  Record i: see `records.decode`. N comes from `index.json`; shards are opened lazily, and a
+  shard that cannot be opened makes its records `missing_shard`.
+  """
+
+  def __init__(self, directory: str, image_size: int, crop: str = "center", seed: int = 0):
+    if crop not in records.CROPS:
+      raise ValueError(f"data.crop must be one of {records.CROPS}, got {crop!r}.")
+    index = read_index(directory)
+    shards = [s for s in index["shards"] if s["records"] > 0]
+    if not shards:
+      raise ValueError(f"data.path={directory!r} holds no record (rejected: "
+                       f"{index.get('rejected', {})}).")
+    root = epath.Path(directory)
+    self._files = [str(root / s["file"]) for s in shards]
+    self._starts, total = [], 0
+    for s in shards:
+      self._starts.append(total)
+      total += s["records"]
+    self._n = total
+    self.rejected = dict(index.get("rejected", {}))
+    self._source = grain.sources.ArrayRecordDataSource(
+        [_FileInstruction(f, 0, s["records"], s["records"]) for f, s in zip(self._files, shards)])
+    self._size, self._crop, self._seed = int(image_size), crop, int(seed)
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> dict:
+    index = errors.check_index(index, self._n)
+    try:
+      blob = self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      shard = self._files[bisect.bisect_right(self._starts, index) - 1]
+      if not epath.Path(shard).exists():
+        raise errors.BadRecord(errors.MISSING_SHARD, shard) from None
+      raise errors.BadRecord(errors.UNREADABLE_RECORD, f"{type(e).__name__}") from None
+    return records.decode(records.unpack(blob), index, self._size, self._crop, self._seed)
+
+  def __repr__(self) -> str:
+    return (f"ArrayRecordSource({len(self._files)} shards, {self._n} records, "
+            f"image_size={self._size}, crop={self._crop!r})")

@@ -1,0 +1,31 @@
+"""The error a bad record raises: the loader skips the record and counts it by `reason`."""
+
+# Reasons are short, stable names: they are keys of the `skipped` counts in metrics.jsonl.
+CORRUPT_IMAGE = "corrupt_image"        # not a decodable JPEG/PNG/WebP, or cut short
+MISSING_IMAGE = "missing_image"        # no image member for the key
+MISSING_CAPTION = "missing_caption"    # no caption member for the key
+EMPTY_CAPTION = "empty_caption"        # nothing left after cleaning
+NON_UTF8_CAPTION = "non_utf8_caption"  # caption bytes are not UTF-8
+TRUNCATED_TAR = "truncated_tar"        # a member cut off by the end of its tar file
+MISSING_SHARD = "missing_shard"        # the file holding the record cannot be opened
+UNREADABLE_RECORD = "unreadable_record"  # any other failure to read the record
+BAD_RECORD = "bad_record"              # the objective could not prepare the record
+
+
+class BadRecord(ValueError):
+  """A record that cannot be used, and why (one of the reasons above)."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(f"{reason}: {detail}" if detail else reason)
+    self.reason = reason
+
+  def __reduce__(self):  # picklable across worker processes
+    return type(self), (self.reason, str(self).partition(": ")[2])
+
+
+def check_index(index, size: int) -> int:
+  """`index` as an int; IndexError unless 0 <= index < size (a caller's bug, not a bad record)."""
+  index = int(index)
+  if not 0 <= index < size:
+    raise IndexError(f"index {index} out of range for {size} records.")
+  return index
