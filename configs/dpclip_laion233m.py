@@ -21,9 +21,14 @@ def get_config():
   c = dpclip_tiny.get_config()
   c.steps = 10_000
 
-  c.data.source = "shape_scenes"   # replaced by the LAION shards' source at scale
+  # The LAION subset converted by `python -m dpvl.data.convert` (img2dataset tar shards ->
+  # ArrayRecord); data.size must equal num_records of its index.json. See docs/data.md.
+  c.data.source = "array_record"
+  c.data.path = "gs://YOUR_BUCKET/laion233m-arrayrecord"
   c.data.size = 233_000_000
   c.data.image_size = 224
+  c.data.crop = "center"
+  c.data.workers = 16             # decoding processes per host
 
   c.tokenizer.type = "wordpiece"
   c.tokenizer.vocab_file = "vocab/bert-base-uncased.txt"  # public BERT vocabulary (30,522)

@@ -3,7 +3,6 @@ model, training with each mechanism, zero-shot and retrieval metrics, config err
 
 import json
 import math
-import os
 
 import jax
 import numpy as np
@@ -140,3 +139,45 @@ def test_recall_at_k_counts_ranks_in_both_directions():
   assert got["image_to_text_recall@1"] == pytest.approx(2 / 3)  # image 1 ranks caption 0 first
   assert got["text_to_image_recall@1"] == pytest.approx(2 / 3)  # caption 0 prefers image 1
   assert got["image_to_text_recall@2"] == 1.0 and got["text_to_image_recall@2"] == 1.0
+
+
+@pytest.mark.parametrize("mechanism", ["per_batch", "logit_dp"])
+def test_paper_config_accounts_without_data_or_device(mechanism):
+  from test_train import _cli
+  out = _cli("--config=configs/dpclip_laion233m.py", "--mode=account",
+             f"--config.privacy.mechanism={mechanism}", "--config.privacy.noise_multiplier=0.42",
+             env=dict(JAX_PLATFORMS="tpu"))
+  assert out.returncode == 0, out.stderr
+  summary = json.loads(out.stdout)
+  assert summary["mechanism"] == mechanism and summary["expected_batch_size"] == 32_768
+  assert 7 < summary["epsilon"] < 8
+  assert summary["noise_std"] == pytest.approx(0.42 * summary["sensitivity"])
+  if mechanism == "per_batch":
+    assert summary["groups"] == 32 and summary["microbatch_size"] % 128 == 0
+
+
+def test_paper_dual_encoder_builds_and_traces_at_full_size(tmp_path):
+  from configs import dpclip_laion233m
+  config = dpclip_laion233m.get_config()
+  vocab = tmp_path / "vocab.txt"  # a stand-in of the public BERT vocabulary's size
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
+                             [f"w{i}" for i in range(30_522 - 4)]) + "\n")
+  config.tokenizer.vocab_file = str(vocab)
+  objective = build_objective(config)
+  shapes = jax.eval_shape(objective.init, jax.random.key(0))  # nothing is allocated
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  assert 85e6 < size(shapes["image"]["vit"]) < 87e6  # ViT-B/16
+  assert shapes["image"]["proj"]["kernel"].shape == (768, 512)
+  assert shapes["text"]["proj"]["kernel"].shape == (512, 512)
+  assert shapes["text"]["pos_embedding"].shape == (77, 512)
+  spec = objective.example_spec
+  batch = {k: jax.ShapeDtypeStruct((2, 4, *s.shape), s.dtype) for k, s in spec.items()}
+  mask = jax.ShapeDtypeStruct((2, 4), bool)
+  for mechanism, how in (("per_batch", "exact"), ("logit_dp", "bound")):
+    grad, metrics = jax.eval_shape(
+        lambda p, b, m: contrastive.GRADIENTS[mechanism](
+            objective.dual_encoder, p, b, m, None, jax.random.key(0), clip_norm=1.0,
+            noise_std=1.0, expected_batch_size=32_768, pair_norms_how=how),
+        shapes, batch, mask)
+    assert jax.tree.map(lambda g: g.shape, grad) == jax.tree.map(lambda s: s.shape, shapes)
+    assert metrics["loss"].shape == ()
