@@ -275,7 +275,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   example_key = jax.random.key(config.seed)
   loader = loader_lib.BatchLoader(source, objective.prepare, objective.example_spec,
                                   plan.num_microbatches, plan.microbatch_size,
-                                  processes=plan_lib.get_field(config, "data.workers", 0))
+                                  processes=plan_lib.get_field(config, "data.workers", 0),
+                                  host=jax.process_index(), num_hosts=jax.process_count())
   train_step = jax.jit(make_train_step(gradient, optimizer, plan), donate_argnums=0)
 
   writer = metrics_lib.MetricsWriter(workdir)
@@ -322,9 +323,11 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     truncated_total += selection.truncated
     for reason, count in batch.skipped.items():
       skipped_total[reason] = skipped_total.get(reason, 0) + count
+    # Each host loaded only its share (the columns its devices hold): assemble the global batch.
+    to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
     state, metrics = train_step(
-        state, jax.device_put(batch.examples, batch_sharding),
-        jax.device_put(batch.mask, batch_sharding), example_key, noise_key)
+        state, jax.tree.map(to_global, batch.examples), to_global(batch.mask), example_key,
+        noise_key)
     window.append(metrics)
     done = step + 1
     if done % config.log_every == 0 or done == plan.steps:
