@@ -50,12 +50,16 @@ def clip(per_example_grads, mask: jax.Array, clip_norm: float):
   return jax.tree.map(clip_leaf, per_example_grads), stats
 
 
-def _zeros_f32(params):
+def zeros_f32(params):
+  """float32 zeros shaped like `params`: the accumulator of gradient sums."""
   return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
 
-def _scan_microbatches(micro_fn, params, batch, mask, rngs):
-  """Sums `micro_fn(params, micro, mask, rngs) -> (grad_sum, stats)` over the leading axis."""
+def scan_microbatches(micro_fn, params, batch, mask, rngs):
+  """Sums `micro_fn(params, micro, mask, rngs) -> (grad_sum, stats)` over the leading axis.
+
+  `stats` has `loss_sum` and `nonfinite` (summed) and `norms` (stacked per micro-batch).
+  """
 
   def body(acc, xs):
     micro, m, r = xs
@@ -64,7 +68,7 @@ def _scan_microbatches(micro_fn, params, batch, mask, rngs):
     acc_g = jax.tree.map(jnp.add, acc_g, g)
     return (acc_g, acc_loss + stats["loss_sum"], acc_nonfinite + stats["nonfinite"]), stats["norms"]
 
-  init = (_zeros_f32(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  init = (zeros_f32(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
   (g, loss_sum, nonfinite), norms = jax.lax.scan(body, init, (batch, mask, rngs))
   return g, dict(loss_sum=loss_sum, nonfinite=nonfinite, norms=norms)
 
@@ -86,7 +90,7 @@ def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: floa
     stats["loss_sum"] = jnp.sum(jnp.where(ok, losses, 0.0))
     return g, stats
 
-  return _scan_microbatches(micro_fn, params, batch, mask, rngs)
+  return scan_microbatches(micro_fn, params, batch, mask, rngs)
 
 
 def grad_sum(loss_fn: LossFn, params, batch, mask, rngs):
@@ -105,4 +109,4 @@ def grad_sum(loss_fn: LossFn, params, batch, mask, rngs):
                  norms=jnp.zeros(m.shape, jnp.float32))
     return g, stats
 
-  return _scan_microbatches(micro_fn, params, batch, mask, rngs)
+  return scan_microbatches(micro_fn, params, batch, mask, rngs)

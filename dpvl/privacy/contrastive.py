@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpvl.privacy import clipping
-from dpvl.privacy import noise
+from dpvl.privacy import dpsgd
 from dpvl.privacy.sampling import Selection
 
 MECHANISMS = ("per_batch", "logit_dp")
@@ -153,20 +153,6 @@ def hash_groups(selection: Selection, key: int, step: int, groups: int,
                    truncated=selection.truncated + int((~keep).sum()))
 
 
-def _finish(total, stats, noise_key, *, noise_std, expected_batch_size, enabled, mask):
-  """Noise once, divide by the expected batch size, metrics of the step."""
-  if enabled:
-    total = noise.add_gaussian_noise(total, noise_key, noise_std)
-  grad = jax.tree.map(lambda g: g / expected_batch_size, total)
-  examples = jnp.sum(mask)
-  metrics = dict(loss=stats["loss_sum"] / jnp.maximum(examples - stats["nonfinite"], 1),
-                 examples=examples, nonfinite=stats["nonfinite"])
-  if enabled:
-    metrics["clipped_fraction"] = stats["clipped_fraction"]
-    metrics["grad_norm_mean"] = stats["grad_norm_mean"]
-  return grad, metrics
-
-
 def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                        clip_norm: float, noise_std: float, expected_batch_size: int,
                        enabled: bool = True, **_):
@@ -174,36 +160,30 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
 
   Returns (gradient estimate, metrics) like `dpsgd.private_gradient`.
   """
-  del rngs
 
   def group_loss(p, group, m):
     u, v = model.embed(p, group)
     losses = contrastive_losses(u @ v.T, m, model.temperature)
     return jnp.sum(losses), losses
 
-  def body(acc, xs):
-    group, m = xs
-    (_, losses), g = jax.value_and_grad(group_loss, has_aux=True)(params, group, m)
-    norm = clipping.global_norms(jax.tree.map(lambda x: x[None], g))[0]
-    ok = jnp.isfinite(norm) & jnp.all(jnp.isfinite(losses))
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30)) if enabled else 1.0
-    g = jax.tree.map(lambda x: jnp.where(ok, x.astype(jnp.float32) * scale, 0.0), g)
-    acc_g, loss_sum, nonfinite = acc
-    acc_g = jax.tree.map(jnp.add, acc_g, g)
-    loss_sum += jnp.where(ok, jnp.sum(losses), 0.0)
-    nonfinite += jnp.where(ok, 0, jnp.sum(m))
-    return (acc_g, loss_sum, nonfinite), jnp.where(ok, norm, 0.0)
+  def clipped_group(p, group, m, _):
+    """The group's gradient clipped to C as one unit (zero if it or the loss is not finite)."""
+    (_, losses), g = jax.value_and_grad(group_loss, has_aux=True)(p, group, m)
+    as_one = jax.tree.map(lambda x: x[None], g)
+    clipped, stats = clipping.clip(as_one, jnp.all(jnp.isfinite(losses))[None],
+                                   clip_norm if enabled else jnp.inf)
+    ok = stats["kept"][0]
+    return jax.tree.map(lambda x: x[0], clipped), dict(
+        loss_sum=jnp.where(ok, jnp.sum(losses), 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(m)),
+        norms=jnp.where(ok, stats["norms"][0], 0.0))
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-  (total, loss_sum, nonfinite), norms = jax.lax.scan(body, init, (batch, mask))
+  total, stats = clipping.scan_microbatches(clipped_group, params, batch, mask, rngs)
   nonempty = jnp.any(mask, axis=1)
   groups = jnp.maximum(jnp.sum(nonempty), 1)
-  stats = dict(loss_sum=loss_sum, nonfinite=nonfinite,
-               clipped_fraction=jnp.sum(nonempty & (norms > clip_norm)) / groups,
-               grad_norm_mean=jnp.sum(norms) / groups)
-  return _finish(total, stats, noise_key, noise_std=noise_std,
-                 expected_batch_size=expected_batch_size, enabled=enabled, mask=mask)
+  stats["clipped_fraction"] = jnp.sum(nonempty & (stats["norms"] > clip_norm)) / groups
+  stats["grad_norm_mean"] = jnp.sum(stats["norms"]) / groups
+  return dpsgd.noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
+                          expected_batch_size=expected_batch_size, enabled=enabled)
 
 
 def _gram(embed, params, example):
@@ -334,11 +314,10 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
     g = jax.grad(weighted)(params)
     return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), None
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  total, _ = jax.lax.scan(backward_micro, zeros, (batch, cot_u, cot_v))
+  total, _ = jax.lax.scan(backward_micro, clipping.zeros_f32(params), (batch, cot_u, cot_v))
   stats["nonfinite"] = jnp.sum(mask & ~finite)
-  return _finish(total, stats, noise_key, noise_std=noise_std,
-                 expected_batch_size=expected_batch_size, enabled=enabled, mask=mask)
+  return dpsgd.noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
+                          expected_batch_size=expected_batch_size, enabled=enabled)
 
 
 GRADIENTS = {"per_batch": per_batch_gradient, "logit_dp": logit_dp_gradient}

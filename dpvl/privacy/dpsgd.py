@@ -29,9 +29,25 @@ def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm
   """
   if enabled:
     total, stats = clipping.clipped_grad_sum(loss_fn, params, batch, mask, rngs, clip_norm)
-    total = noise.add_gaussian_noise(total, noise_key, noise_std)
+    valid = jnp.maximum(jnp.sum(mask), 1)
+    stats["clipped_fraction"] = jnp.sum((stats["norms"] > clip_norm) & mask) / valid
+    stats["grad_norm_mean"] = jnp.sum(stats["norms"]) / valid
   else:
     total, stats = clipping.grad_sum(loss_fn, params, batch, mask, rngs)
+  return noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
+                    expected_batch_size=expected_batch_size, enabled=enabled)
+
+
+def noisy_mean(total, stats, mask, noise_key, *, noise_std: float, expected_batch_size: int,
+               enabled: bool):
+  """(total + N(0, noise_std^2 I) when `enabled`) / expected batch size, and the step's metrics.
+
+  The one place where a private step adds its noise and divides: every mechanism (per-example
+  here, the contrastive ones in `contrastive`) ends with it. `stats`: `loss_sum`, `nonfinite`,
+  and when enabled `clipped_fraction` and `grad_norm_mean`.
+  """
+  if enabled:
+    total = noise.add_gaussian_noise(total, noise_key, noise_std)
   grad = jax.tree.map(lambda g: g / expected_batch_size, total)
   examples = jnp.sum(mask)
   metrics = dict(
@@ -40,7 +56,6 @@ def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm
       nonfinite=stats["nonfinite"],
   )
   if enabled:
-    valid = jnp.maximum(examples, 1)
-    metrics["clipped_fraction"] = jnp.sum((stats["norms"] > clip_norm) & mask) / valid
-    metrics["grad_norm_mean"] = jnp.sum(stats["norms"]) / valid
+    metrics["clipped_fraction"] = stats["clipped_fraction"]
+    metrics["grad_norm_mean"] = stats["grad_norm_mean"]
   return grad, metrics
