@@ -7,6 +7,7 @@ The towers share no parameter (the contrastive mechanisms rely on it, see
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dpvl.models.text import embed_tokens
 from dpvl.models.vit import EncoderBlock
 from dpvl.models.vit import ViT
 
@@ -50,17 +51,12 @@ class TextTower(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    length = tokens.shape[1]
-    if length > self.max_len:
-      raise ValueError(f"{length} tokens exceed the text tower's max_len {self.max_len}.")
-    x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.width))
-    x = (x + pos[None, :length]).astype(self.dtype)
+    x = embed_tokens(self, tokens, "text tower")
     for i in range(self.depth):
       x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, causal=True,
                        name=f"block{i}")(x)
     x = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
     is_eos = tokens == self.eos_id
-    end = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), length - 1)
+    end = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), tokens.shape[1] - 1)
     pooled = jnp.take_along_axis(x, end[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     return l2_normalize(nn.Dense(self.embed_dim, use_bias=False, name="proj")(pooled))

@@ -11,6 +11,19 @@ from dpvl.models.vit import Attention
 from dpvl.models.vit import Mlp
 
 
+def embed_tokens(module: nn.Module, tokens, what: str):
+  """Token plus learnt position embeddings [B, L, width] in `module.dtype`, created as
+  `module`'s parameters `token_embedding` and `pos_embedding` (call from its compact method).
+  `module` has `vocab_size`, `max_len`, `width` and `dtype`; `what` names it in the error."""
+  length = tokens.shape[1]
+  if length > module.max_len:
+    raise ValueError(f"{length} tokens exceed the {what}'s max_len {module.max_len}.")
+  x = nn.Embed(module.vocab_size, module.width, name="token_embedding")(tokens)
+  pos = module.param("pos_embedding", nn.initializers.normal(0.02),
+                     (module.max_len, module.width))
+  return (x + pos[None, :length]).astype(module.dtype)
+
+
 class DecoderBlock(nn.Module):
   """x + causal MHSA(LN(x)); x + cross-attention(LN(x), memory); x + MLP(LN(x))."""
 
@@ -49,12 +62,7 @@ class TextDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, memory):
-    length = tokens.shape[1]
-    if length > self.max_len:
-      raise ValueError(f"{length} tokens exceed the decoder's max_len {self.max_len}.")
-    x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.max_len, self.width))
-    x = (x + pos[None, :length]).astype(self.dtype)
+    x = embed_tokens(self, tokens, "decoder")
     memory = memory.astype(self.dtype)
     for i in range(self.depth):
       x = DecoderBlock(self.num_heads, self.mlp_dim, self.use_bias, self.dtype,
