@@ -12,29 +12,21 @@ BERT-uncased word pieces. The paper starts from a synthetic (non-private) warm s
 import ml_collections
 
 from configs import dpcap_tiny
+from configs import laion
 
 
 def get_config():
   c = dpcap_tiny.get_config()
   c.steps = 5_708
 
-  # The LAION subset converted by `python -m dpvl.data.convert` (img2dataset tar shards ->
-  # ArrayRecord); data.size must equal num_records of its index.json. See docs/data.md.
-  c.data.source = "array_record"
-  c.data.path = "gs://YOUR_BUCKET/laion233m-arrayrecord"
-  c.data.size = 233_000_000
-  c.data.image_size = 224
-  c.data.crop = "center"
-  c.data.workers = 16             # decoding processes per host
+  c.data = laion.laion233m_data()
 
   c.tokenizer.type = "wordpiece"
   c.tokenizer.vocab_file = "vocab/bert-base-uncased.txt"  # public BERT vocabulary (30,522)
   c.tokenizer.max_len = 40
 
   c.model.dtype = "bfloat16"
-  c.model.encoder = ml_collections.ConfigDict(dict(
-      patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, qkv_bias=False,
-      posemb="sincos2d"))
+  c.model.encoder = ml_collections.ConfigDict(laion.vit_b16(qkv_bias=False))
   c.model.decoder = ml_collections.ConfigDict(dict(
       width=768, depth=6, num_heads=12, mlp_dim=3072))
 

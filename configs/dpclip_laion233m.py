@@ -15,29 +15,21 @@ O(1) in the batch only for a warm fixed temperature (grows like exp(2 / temperat
 import ml_collections
 
 from configs import dpclip_tiny
+from configs import laion
 
 
 def get_config():
   c = dpclip_tiny.get_config()
   c.steps = 10_000
 
-  # The LAION subset converted by `python -m dpvl.data.convert` (img2dataset tar shards ->
-  # ArrayRecord); data.size must equal num_records of its index.json. See docs/data.md.
-  c.data.source = "array_record"
-  c.data.path = "gs://YOUR_BUCKET/laion233m-arrayrecord"
-  c.data.size = 233_000_000
-  c.data.image_size = 224
-  c.data.crop = "center"
-  c.data.workers = 16             # decoding processes per host
+  c.data = laion.laion233m_data()
 
   c.tokenizer.type = "wordpiece"
   c.tokenizer.vocab_file = "vocab/bert-base-uncased.txt"  # public BERT vocabulary (30,522)
   c.tokenizer.max_len = 77
 
   c.model.dtype = "bfloat16"
-  c.model.encoder = ml_collections.ConfigDict(dict(
-      patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072, qkv_bias=False,
-      posemb="sincos2d"))
+  c.model.encoder = ml_collections.ConfigDict(laion.vit_b16(qkv_bias=False))
   c.model.text = ml_collections.ConfigDict(dict(width=512, depth=12, num_heads=8,
                                                 mlp_dim=2048))
   c.model.embed_dim = 512

@@ -11,9 +11,10 @@ Expected batch 98,304, C = 0.1, 6,000 steps, target epsilon 8, delta = 1/(2N); A
 
 import ml_collections
 
+from configs import laion
 from configs import vip_tiny
 
-N = 233_000_000
+N = laion.N
 
 
 def get_config():
@@ -21,16 +22,10 @@ def get_config():
   c.steps = 6_000
   # LAION converted to ArrayRecord (`python -m dpvl.data.convert`; docs/data.md): the images
   # are read, the captions are not used by ViP.
-  c.data.source = "array_record"
-  c.data.path = "gs://YOUR_BUCKET/laion233m-arrayrecord"
-  c.data.crop = "random_resized"
-  c.data.workers = 16
-  c.data.size = N
-  c.data.image_size = 224
+  c.data = laion.laion233m_data(crop="random_resized")
   c.model = ml_collections.ConfigDict(dict(
       dtype="bfloat16", mask_ratio=0.75, norm_pix_loss=True,
-      encoder=dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
-                   qkv_bias=True, posemb="sincos2d"),
+      encoder=laion.vit_b16(qkv_bias=True),
       decoder=dict(width=512, depth=4, num_heads=16, mlp_dim=2048)))
   c.batch.expected_size = 98_304
   c.batch.microbatch_size = 4_096

@@ -1,0 +1,20 @@
+"""What the paper-scale configs share: the LAION-233M data and the ViT-B/16 encoder."""
+
+import ml_collections
+
+N = 233_000_000
+
+
+def laion233m_data(crop: str = "center") -> ml_collections.ConfigDict:
+  """The LAION subset converted by `python -m dpvl.data.convert` (img2dataset tar shards ->
+  ArrayRecord); data.size must equal num_records of its index.json. See docs/data.md."""
+  return ml_collections.ConfigDict(dict(
+      source="array_record", path="gs://YOUR_BUCKET/laion233m-arrayrecord", size=N,
+      image_size=224, crop=crop, seed=0,
+      workers=16))  # decoding processes per host
+
+
+def vit_b16(qkv_bias: bool) -> dict:
+  """ViT-B/16 with fixed 2-D sin-cos position embeddings (no class token, no head)."""
+  return dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
+              qkv_bias=qkv_bias, posemb="sincos2d")
