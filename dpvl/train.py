@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import evaluate
+from dpvl import jsonfile
 from dpvl import metrics as metrics_lib
 from dpvl.data import loader as loader_lib
 from dpvl.data import sources
@@ -93,13 +94,6 @@ def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
   return step
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
 def _segments_from_meta(meta: dict) -> list[accounting.Segment]:
   return [accounting.Segment(**s) for s in meta["ledger"]["segments"]]
 
@@ -122,7 +116,7 @@ class Ledger:
 
   def write(self, step: int, status: str) -> dict:
     entry = self.entry(step, status)
-    _write_json(self.path, entry)
+    jsonfile.write_atomic(self.path, entry)
     return entry
 
 
@@ -232,7 +226,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
         "composes the steps done under the old plan with the new ones.")
     plan = plan_lib.build_plan(config, done=_segments_from_meta(meta))
 
-  _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+  jsonfile.write_atomic(os.path.join(workdir, "config.json"),
+                        json.loads(config.to_json_best_effort()))
   ledger = Ledger(plan, os.path.join(workdir, "privacy.json"))
   optimizer = make_optimizer(config.optimizer, plan.configured_steps)
   replicated = NamedSharding(mesh, P())
@@ -307,6 +302,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
                                           plan.num_microbatches, plan.microbatch_size)
     return selection, loader.load(selection)
 
+  # Each host loads only its share (the columns its devices hold): assemble the global batch.
+  to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
   prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   t0 = time.time()
   skipped_total, truncated_total, data_wait = {}, 0, 0.0
@@ -323,8 +320,6 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     truncated_total += selection.truncated
     for reason, count in batch.skipped.items():
       skipped_total[reason] = skipped_total.get(reason, 0) + count
-    # Each host loaded only its share (the columns its devices hold): assemble the global batch.
-    to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
     state, metrics = train_step(
         state, jax.tree.map(to_global, batch.examples), to_global(batch.mask), example_key,
         noise_key)

@@ -41,6 +41,15 @@ def small_dpcap_config(**privacy):
 
 
 @pytest.fixture
+def bert_sized_vocab(tmp_path) -> str:
+  """Path of a word-piece vocab.txt with the public BERT vocabulary's size (30,522)."""
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
+                             [f"w{i}" for i in range(30_522 - 4)]) + "\n")
+  return str(vocab)
+
+
+@pytest.fixture
 def small_config():
   return small_dpcap_config()
 

@@ -156,13 +156,10 @@ def test_paper_config_accounts_without_data_or_device(mechanism):
     assert summary["groups"] == 32 and summary["microbatch_size"] % 128 == 0
 
 
-def test_paper_dual_encoder_builds_and_traces_at_full_size(tmp_path):
+def test_paper_dual_encoder_builds_and_traces_at_full_size(bert_sized_vocab):
   from configs import dpclip_laion233m
   config = dpclip_laion233m.get_config()
-  vocab = tmp_path / "vocab.txt"  # a stand-in of the public BERT vocabulary's size
-  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
-                             [f"w{i}" for i in range(30_522 - 4)]) + "\n")
-  config.tokenizer.vocab_file = str(vocab)
+  config.tokenizer.vocab_file = bert_sized_vocab
   objective = build_objective(config)
   shapes = jax.eval_shape(objective.init, jax.random.key(0))  # nothing is allocated
   size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -242,12 +242,9 @@ def test_greedy_decode(small_objective):
   assert np.all(np.asarray(ids[:, 2:]) == tokenizer.pad_id)
 
 
-def test_paper_captioner_builds_at_full_size(tmp_path):
+def test_paper_captioner_builds_at_full_size(bert_sized_vocab):
   config = dpcap_laion233m.get_config()
-  vocab = tmp_path / "vocab.txt"  # a stand-in of the public BERT vocabulary's size
-  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] +
-                             [f"w{i}" for i in range(30_522 - 4)]) + "\n")
-  config.tokenizer.vocab_file = str(vocab)
+  config.tokenizer.vocab_file = bert_sized_vocab
   objective = build_objective(config)
   shapes = jax.eval_shape(objective.init, jax.random.key(0))  # nothing is allocated
   size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -21,18 +21,13 @@ import sys
 from array_record.python import array_record_module
 from etils import epath
 
+from dpvl import jsonfile
 from dpvl.data import arrayrecord
 from dpvl.data import errors
 from dpvl.data import records
 from dpvl.data import webdataset
 
 _CHECK_SIZE = 32  # records are checked by decoding at (at least) this size
-
-
-def _write_json(path: epath.Path, obj) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  tmp.replace(path)
 
 
 def convert_shard(url: str, out_dir: str, number: int) -> dict:
@@ -48,7 +43,7 @@ def convert_shard(url: str, out_dir: str, number: int) -> dict:
     index = webdataset.index_shard(url)
   except FileNotFoundError:
     result = dict(source=url, file=None, records=0, rejected={}, missing=True)
-    _write_json(marker, result)
+    jsonfile.write_atomic(marker, result)
     return result
   rejected.update(index.rejected)
   tmp = out / f"{name}.array_record.tmp"
@@ -69,7 +64,7 @@ def convert_shard(url: str, out_dir: str, number: int) -> dict:
   tmp.replace(out / f"{name}.array_record")
   result = dict(source=url, file=f"{name}.array_record", records=written,
                 rejected=dict(rejected), missing=False)
-  _write_json(marker, result)
+  jsonfile.write_atomic(marker, result)
   return result
 
 
@@ -99,7 +94,7 @@ def convert(shards, out_dir: str, workers: int = 1, log=print) -> dict:
                        for r in results if not r["missing"]],
                missing_shards=[r["source"] for r in results if r["missing"]],
                rejected=dict(sorted(rejected.items())))
-  _write_json(out / arrayrecord.INDEX, index)
+  jsonfile.write_atomic(out / arrayrecord.INDEX, index)
   log(f"records written: {index['num_records']}; rejected: {index['rejected']}; missing "
       f"shards: {len(index['missing_shards'])} of {len(urls)}; index {out / arrayrecord.INDEX}")
   if index["num_records"] == 0:
