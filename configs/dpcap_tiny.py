@@ -18,6 +18,7 @@ def get_config():
   c.data.image_size = 32
   c.data.seed = 0
   c.data.max_objects = 1
+  c.data.public = False         # True only for public data: then this run may seed a private one
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.type = "byte"     # needs no vocabulary fit on private data

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from dpvl import objectives
 from dpvl import train
 from dpvl.data import sources
+from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
@@ -63,7 +64,7 @@ def main(argv):
       print(json.dumps(train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
       return
     train.run(config, _WORKDIR.value, force_resume=_FORCE.value)
-  except (plan_lib.ConfigError, train.ResumeError) as e:
+  except (plan_lib.ConfigError, ledger_lib.ResumeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

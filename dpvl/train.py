@@ -1,19 +1,17 @@
 """The training loop: Poisson batches -> private step -> metrics -> ledger -> checkpoint.
 
 Workdir layout:
-  config.json      the resolved config
+  config.json      the resolved config (without privacy.seed)
   privacy.json     the ledger: the plan, steps done, epsilon spent (rewritten as the run goes)
   metrics.jsonl    one JSON object per logged step, and one per evaluation (`config.evals`)
   tensorboard/     the same numbers as TensorBoard scalars
-  checkpoints/     orbax: train state, seeds, ledger
+  checkpoints/     orbax: train state, the run's secrets, ledger
 """
 
 import concurrent.futures
 import functools
 import json
-import math
 import os
-import secrets
 import sys
 import time
 
@@ -30,16 +28,13 @@ from dpvl import metrics as metrics_lib
 from dpvl.data import loader as loader_lib
 from dpvl.data import sources
 from dpvl.objectives import build_objective
-from dpvl.privacy import accounting
 from dpvl.privacy import contrastive
 from dpvl.privacy import dpsgd
-from dpvl.privacy import noise
+from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
+from dpvl.privacy import provenance
 from dpvl.privacy import sampling
-
-
-class ResumeError(RuntimeError):
-  """A checkpoint exists whose privacy plan differs from the config's."""
+from dpvl.privacy import secrets as secrets_lib
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -77,14 +72,15 @@ def gradient_fn(objective, plan: plan_lib.PrivacyPlan, pair_norms: str = "exact"
 def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
   """Returns step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted.
 
-  `gradient` is `gradient_fn(objective, plan)`.
+  `gradient` is `gradient_fn(objective, plan)`; `noise_key` is this step's own noise key
+  (`secrets.RunSecrets.noise_key`), `example_key` the public key of per-example randomness.
   """
 
   def step(state, batch, mask, example_key, noise_key):
     t = state["step"]
     rngs = jax.random.split(jax.random.fold_in(example_key, t), mask.shape)
     grad, metrics = gradient(
-        state["params"], batch, mask, rngs, noise.step_key(noise_key, t),
+        state["params"], batch, mask, rngs, noise_key,
         clip_norm=plan.clip_norm, noise_std=plan.noise_std,
         expected_batch_size=plan.expected_batch_size, enabled=plan.enabled)
     updates, opt_state = optimizer.update(grad, state["opt_state"], state["params"])
@@ -92,66 +88,6 @@ def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
     return dict(params=params, opt_state=opt_state, step=t + 1), metrics
 
   return step
-
-
-def _segments_from_meta(meta: dict) -> list[accounting.Segment]:
-  return [accounting.Segment(**s) for s in meta["ledger"]["segments"]]
-
-
-class Ledger:
-  """privacy.json: the plan, the steps done and the epsilon spent, always on disk."""
-
-  def __init__(self, plan: plan_lib.PrivacyPlan, path: str):
-    self.plan = plan
-    self.path = path
-    self.summary = plan.summary()
-
-  def entry(self, step: int, status: str) -> dict:
-    spent = {f"epsilon_spent_{a}": _none_if_inf(self.plan.epsilon(step, a))
-             for a in accounting.ACCOUNTANTS}
-    return dict(self.summary, steps_done=step, status=status,
-                epsilon_spent=spent[f"epsilon_spent_{self.plan.accountant}"], **spent,
-                segments=[s.__dict__ for s in self.plan.segments(step)],
-                fingerprint=self.plan.fingerprint())
-
-  def write(self, step: int, status: str) -> dict:
-    entry = self.entry(step, status)
-    jsonfile.write_atomic(self.path, entry)
-    return entry
-
-
-def load_warm_start(workdir: str, abstract_params):
-  """Parameters of the run in `workdir` (latest checkpoint) for a warm start, and provenance.
-
-  Only a non-private run may seed a private one without composing budgets: this run's ledger
-  starts at zero, which is right only if stage 1 touched no private data (e.g. synthetic
-  images). A stage 1 that spent privacy budget is refused; its provenance (data source, steps)
-  is kept in this run's checkpoints.
-  """
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  if ckpt.latest_step() is None:
-    raise plan_lib.ConfigError(f"config.init_from={workdir!r} holds no checkpoint.")
-  stage1 = ckpt.restore_meta()["ledger"]
-  if stage1["private"] and stage1["steps_done"] > 0:
-    raise plan_lib.ConfigError(
-        f"config.init_from={workdir!r} was trained with DP for {stage1['steps_done']} steps "
-        f"(epsilon {stage1['epsilon_spent']}); a warm start must come from a non-private run "
-        "on public or synthetic data, or resume that run instead.")
-  params = ckpt.restore_state_arrays()["params"]
-  ckpt.close()
-  if not _same_model(params, abstract_params):
-    raise plan_lib.ConfigError(
-        f"config.init_from={workdir!r} has parameters of another model than config.model.")
-  with open(os.path.join(workdir, "config.json")) as f:
-    source = json.load(f)["data"]["source"]
-  return params, dict(path=os.path.abspath(workdir), data_source=source,
-                      steps=stage1["steps_done"])
-
-
-def _same_model(params, abstract_params) -> bool:
-  """Whether restored `params` have the structure, shapes and dtypes of `abstract_params`."""
-  describe = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
-  return describe(params) == describe(abstract_params)
 
 
 def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
@@ -171,7 +107,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
                                + ("" if step is None else f" at step {step}") + ".")
   params = ckpt.restore_state_arrays(step)["params"]
   ckpt.close()
-  if not _same_model(params, jax.eval_shape(objective.init, jax.random.key(0))):
+  if not provenance.same_model(params, jax.eval_shape(objective.init, jax.random.key(0))):
     raise plan_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "
                                "config.model.")
   row = dict(step=step, standalone=True)
@@ -183,12 +119,23 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   return row
 
 
-def _none_if_inf(x: float):
-  return x if math.isfinite(x) else None
-
-
 def _mesh():
   return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+def _restored_secrets(meta: dict, workdir: str) -> secrets_lib.RunSecrets:
+  if "secrets" not in meta:
+    raise ledger_lib.ResumeError(
+        f"the checkpoint in {workdir} holds a seed from an earlier dpvl whose noise key kept "
+        "only 32 bits of it; it cannot be resumed safely. Use a new --workdir.")
+  return secrets_lib.RunSecrets.from_hex(meta["secrets"])
+
+
+def _redacted(tree: dict) -> dict:
+  """The config tree as config.json holds it: without `privacy.seed` (a secret)."""
+  if tree.get("privacy", {}).get("seed") is not None:
+    tree["privacy"]["seed"] = None
+  return tree
 
 
 def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
@@ -211,24 +158,62 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
         f"{mesh.size} devices of the data axis.")
   evaluators = evaluate.build_evaluators(config, objective)  # loads their data: after the checks
 
+  # The ledger so far, from the checkpoint and privacy.json; never from the config.
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  meta = ckpt.restore_meta() if ckpt.latest_step() is not None else None
-  if meta is not None and meta["ledger"]["fingerprint"] != plan.fingerprint():
-    old, new = meta["ledger"]["fingerprint"], plan.fingerprint()
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not force_resume:
-      raise ResumeError(
-          f"the checkpoint in {workdir} was made under another privacy plan (changed: "
-          f"{', '.join(f'{k} {old.get(k)} -> {new.get(k)}' for k in changed)}); resuming would "
-          "break its ledger. Use a new --workdir, or --force_resume to compose both plans.")
-    log(f"forced resume with a changed privacy plan ({', '.join(changed)}); the ledger "
-        "composes the steps done under the old plan with the new ones.")
-    plan = plan_lib.build_plan(config, done=_segments_from_meta(meta))
+  ledger_path = os.path.join(workdir, "privacy.json")
+  config_path = os.path.join(workdir, "config.json")
+  computation = ledger_lib.computation_fingerprint(config)
+  test_seed = plan_lib.get_field(config, "privacy.seed", None)
+  checkpoint_step = ckpt.latest_step()
+  if checkpoint_step is None:
+    if test_seed is None:
+      run_secrets = secrets_lib.RunSecrets.draw()
+    else:
+      run_secrets = secrets_lib.RunSecrets.from_test_seed(test_seed)
+      log("config.privacy.seed is set: whoever knows it can reproduce the sampling and the "
+          "noise, so the run is private only against those who do not (for tests).")
+    meta = dict(secrets=run_secrets.hex())
+    header = dict(run_id=run_secrets.run_id,
+                  secrets="os" if test_seed is None else "config.privacy.seed")
+    resumed = ledger_lib.Resume((), 0, 0)
+  else:
+    meta = ckpt.restore_meta()
+    run_secrets = _restored_secrets(meta, workdir)
+    entry = ledger_lib.latest(meta["ledger"], ledger_lib.read(ledger_path))
+    header = {k: entry[k] for k in ledger_lib.HEADER_FIELDS if k in entry}
+    records = ledger_lib.records_of(entry)
+    if records[-1].plan == plan.fingerprint():
+      went_on = plan_lib.build_plan(config, [r.segment for r in records[:-1]], records[-1].start)
+      if checkpoint_step >= went_on.steps:
+        log(f"the run in {workdir} is complete ({entry['status']}, {entry['steps_done']} "
+            f"steps, epsilon {entry['epsilon_spent']}); nothing to do.")
+        ckpt.close()
+        return entry
+    if test_seed is not None and (secrets_lib.RunSecrets.from_test_seed(test_seed).run_id
+                                  != run_secrets.run_id):
+      log("config.privacy.seed differs from the seed this run started with; the run keeps "
+          "its own secrets.")
+    resumed = ledger_lib.resume(records, checkpoint_step, plan.fingerprint(), computation,
+                                force_resume)
+    plan = plan_lib.build_plan(config, [r.segment for r in resumed.closed], resumed.start)
+    if resumed.released == 0:
+      last = records[-1]
+      changes = ledger_lib.plan_changes(last.plan, plan.fingerprint())
+      if not changes and os.path.exists(config_path):
+        with open(config_path) as f:
+          changes = ledger_lib.config_changes(ledger_lib.computation_config(json.load(f)),
+                                              ledger_lib.computation_config(
+                                                  ledger_lib.config_tree(config)))
+      log(f"a new ledger segment starts at step {checkpoint_step}: the privacy plan, the "
+          f"config or the platform changed ({', '.join(changes) or 'code or platform'}); "
+          "its sampling and noise are fresh"
+          + (f", and steps {checkpoint_step + 1}..{last.end}, released before, stay in the "
+             "ledger." if last.end > checkpoint_step else "."))
 
-  jsonfile.write_atomic(os.path.join(workdir, "config.json"),
-                        json.loads(config.to_json_best_effort()))
-  ledger = Ledger(plan, os.path.join(workdir, "privacy.json"))
+  jsonfile.write_atomic(config_path, _redacted(ledger_lib.config_tree(config)))
+  header["data"] = provenance.data_provenance(config.data)
+  ledger = ledger_lib.Ledger(ledger_path, plan, resumed, computation, header)
   optimizer = make_optimizer(config.optimizer, plan.configured_steps)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(None, "data"))
@@ -240,33 +225,33 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   abstract = jax.eval_shape(init_state)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                           abstract)
-  if meta is None:
+  if checkpoint_step is None:
     state = jax.jit(init_state, out_shardings=replicated)()
-    secret_seed = plan_lib.get_field(config, "privacy.seed", None)
-    secret_seed = secrets.randbits(63) if secret_seed is None else int(secret_seed)
-    meta = dict(secret_seed=secret_seed)
     init_from = plan_lib.get_field(config, "init_from", None)
     if init_from:
-      params, meta["init_from"] = load_warm_start(init_from, abstract["params"])
+      params, header["init_from"] = provenance.load_warm_start(init_from, abstract["params"],
+                                                               config.data)
       state = dict(state, params=jax.device_put(params, replicated))
-      log(f"parameters from {init_from} (stage 1: {meta['init_from']['data_source']}, "
-          "non-private); optimizer and ledger start fresh")
+      log(f"parameters from {init_from} (stage 1: non-private, on public "
+          f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
     start = 0
   else:
-    state, meta = ckpt.restore(abstract)
+    state, _ = ckpt.restore(abstract)
     start = int(state["step"])
     log(f"resumed from step {start} in {workdir}")
 
   def save(step: int, status: str):
-    meta["ledger"] = ledger.write(step, status)
+    ledger.advance(step)
+    meta["ledger"] = ledger.write(status)  # the ledger first: it covers what the save releases
     ckpt.save(step, state, meta)
 
-  if start == 0 and ckpt.latest_step() is None:
-    save(0, "running")  # the secret seed is fixed from the first step on
+  if checkpoint_step is None:
+    save(0, "running")  # the secrets are fixed from the first step on
 
+  segment = resumed.segment_index  # keys the segment's sampling, noise and groups
   sampler = sampling.PoissonSampler(plan.dataset_size, plan.sampling_rate, plan.capacity,
-                                    meta["secret_seed"])
-  noise_key = jax.random.key(meta["secret_seed"] ^ 0x6E6F697365)
+                                    run_secrets.sampler_seed(segment))
+  group_salt = run_secrets.group_salt(segment)
   example_key = jax.random.key(config.seed)
   loader = loader_lib.BatchLoader(source, objective.prepare, objective.example_spec,
                                   plan.num_microbatches, plan.microbatch_size,
@@ -294,11 +279,12 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       f"mechanism={plan.mechanism} sensitivity={plan.sensitivity:.4g} "
       f"steps={plan.steps} capacity={plan.capacity} "
       f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
-      f"planned epsilon={ledger.summary['epsilon']}")
+      f"planned epsilon={plan.summary()['epsilon']}")
+
   def fetch(step):
     selection = sampler.select(step)
     if plan.mechanism == "per_batch":  # micro-batch g holds hash group g
-      selection = contrastive.hash_groups(selection, meta["secret_seed"], step,
+      selection = contrastive.hash_groups(selection, group_salt, step,
                                           plan.num_microbatches, plan.microbatch_size)
     return selection, loader.load(selection)
 
@@ -322,14 +308,21 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       skipped_total[reason] = skipped_total.get(reason, 0) + count
     state, metrics = train_step(
         state, jax.tree.map(to_global, batch.examples), to_global(batch.mask), example_key,
-        noise_key)
+        run_secrets.noise_key(segment, step))
     window.append(metrics)
     done = step + 1
-    if done % config.log_every == 0 or done == plan.steps:
+    ledger.advance(done)
+    log_due = done % config.log_every == 0 or done == plan.steps
+    checkpoint_due = done % config.checkpoint_every == 0 and done != plan.steps
+    evals_due = done < plan.steps and any(evaluate.is_due(e, done, plan.steps)
+                                          for e in evaluators)
+    if log_due or evals_due:
+      entry = ledger.write("running")  # before anything of step `done` is released
+    if log_due:
       window = jax.device_get(window)
-      eps = plan.epsilon(done)
+      eps = ledger.epsilon()
       row = dict(step=done, loss=float(np.mean([m["loss"] for m in window])),
-                 epsilon=_none_if_inf(eps), examples=int(window[-1]["examples"]),
+                 epsilon=entry["epsilon_spent"], examples=int(window[-1]["examples"]),
                  seconds=round(time.time() - t0, 3), data_wait_seconds=round(data_wait, 3),
                  truncated=truncated_total,
                  skipped=dict(skipped_total),
@@ -339,9 +332,9 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       writer.write(row)
       log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  epsilon "
           f"{eps:.3f}  examples {row['examples']}  {row['seconds']:.1f}s")
-    if done % config.checkpoint_every == 0 and done != plan.steps:
+    if checkpoint_due:
       save(done, "running")
-    if done < plan.steps:
+    if evals_due:
       run_evals(done)
 
   prefetcher.shutdown(wait=False)

@@ -12,7 +12,9 @@ import pytest
 from conftest import small_dpcap_config
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import train
+from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
+from dpvl.privacy import secrets as secrets_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -50,7 +52,11 @@ def test_run_writes_ledger_metrics_config_and_checkpoint(tmp_path):
   assert all(a["epsilon"] < b["epsilon"] for a, b in zip(rows, rows[1:]))
   assert json.load(open(tmp_path / "config.json"))["objective"] == "dpcap"
   _, meta = _final_params(str(tmp_path))
-  assert meta["ledger"]["steps_done"] == 6 and meta["secret_seed"] == 1234
+  assert meta["ledger"]["steps_done"] == 6
+  assert meta["secrets"] == secrets_lib.RunSecrets.from_test_seed(1234).hex()
+  # The test seed is a secret: config.json and privacy.json do not hold it.
+  assert json.load(open(tmp_path / "config.json"))["privacy"]["seed"] is None
+  assert ledger["secrets"] == "config.privacy.seed"
 
 
 class _Interrupt(Exception):
@@ -81,7 +87,7 @@ def test_resume_with_changed_privacy_plan_is_refused_unless_forced(tmp_path):
   train.run(small_dpcap_config(), str(tmp_path), log=lambda *_: None)
   changed = small_dpcap_config(noise_multiplier=0.5)
   changed.steps = 8
-  with pytest.raises(train.ResumeError, match="noise_multiplier 1.0 -> 0.5"):
+  with pytest.raises(ledger_lib.ResumeError, match="noise_multiplier 1.0 -> 0.5"):
     train.run(changed, str(tmp_path), log=lambda *_: None)
   entry = train.run(changed, str(tmp_path), force_resume=True, log=lambda *_: None)
   # The ledger composes 6 steps at sigma 1.0 with 2 at sigma 0.5.
@@ -172,7 +178,11 @@ def test_stage2_starts_from_stage1_weights_with_a_fresh_ledger(tmp_path):
   first = ckpt.restore_state_arrays(step=1)
   meta = ckpt.restore_meta(step=1)
   ckpt.close()
-  assert meta["init_from"]["data_source"] == "shape_scenes" and meta["init_from"]["steps"] == 3
+  warm = meta["ledger"]["init_from"]
+  assert warm["data"] == dict(source="shape_scenes", size=2_000, seed=0,
+                              public="by_construction")
+  assert warm["steps"] == 3 and warm["private"] is False
+  assert json.load(open(tmp_path / "stage2" / "privacy.json"))["init_from"] == warm
   # Step 1 of stage 2 has learning rate 0 (warm-up starts at 0): parameters are stage 1's, and
   # the optimizer state is fresh (count 1).
   jax.tree.map(np.testing.assert_array_equal, first["params"], stage1_params)

@@ -130,7 +130,7 @@ def test_stage2_on_private_scenes_starts_from_a_synthetic_stage1(tmp_path):
       plan_lib.build_plan(stage2).epsilon(1))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "stage2" / "checkpoints"))
   after = ckpt.restore_state_arrays(step=1)["params"]
-  assert ckpt.restore_meta(step=1)["init_from"]["data_source"] == "procedural"
+  assert ckpt.restore_meta(step=1)["ledger"]["init_from"]["data"]["source"] == "procedural"
   ckpt.close()
   # Warm-up starts at learning rate 0: after one step the parameters are still stage 1's.
   jax.tree.map(np.testing.assert_array_equal, after, stage1_params)

@@ -23,6 +23,7 @@ from dpvl.data import transforms
 from dpvl.data import webdataset
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import sampling
+from dpvl.privacy import secrets as secrets_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -277,8 +278,8 @@ def _web_config(source: str, path: str, size: int):
 def _expected_skips(config, source, steps):
   """The reasons of the bad records the run's Poisson batches select, recomputed."""
   plan = plan_lib.build_plan(config)
-  sampler = sampling.PoissonSampler(plan.dataset_size, plan.sampling_rate, plan.capacity,
-                                    config.privacy.seed)
+  seed = secrets_lib.RunSecrets.from_test_seed(config.privacy.seed).sampler_seed(0)
+  sampler = sampling.PoissonSampler(plan.dataset_size, plan.sampling_rate, plan.capacity, seed)
   counts = collections.Counter()
   for step in range(steps):
     selection = sampler.select(step)
@@ -313,6 +314,34 @@ def test_dp_training_on_converted_array_records(converted, tmp_path):
   config.data.size = 120
   with pytest.raises(plan_lib.ConfigError, match="114"):
     train.run(config, str(tmp_path / "wrong_size"), log=lambda *_: None)
+
+
+def test_warm_start_only_from_public_data(shards, tmp_path):
+  """A non-private stage 1 on the private tar shards cannot seed a private run; declared
+  public, it can, except for a private run on those same shards."""
+  stage1 = _web_config("webdataset", shards["spec"], 118)
+  stage1.privacy.enabled = False
+  stage1.steps = 2
+  train.run(stage1, str(tmp_path / "on_private"), log=lambda *_: None)
+  stage1.data.public = True
+  train.run(stage1, str(tmp_path / "declared"), log=lambda *_: None)
+
+  on_shards = _web_config("webdataset", shards["spec"], 118)
+  on_shards.init_from = str(tmp_path / "on_private")
+  with pytest.raises(plan_lib.ConfigError, match="which is private"):
+    train.run(on_shards, str(tmp_path / "refused"), log=lambda *_: None)
+  on_shards.init_from = str(tmp_path / "declared")
+  with pytest.raises(plan_lib.ConfigError, match="the data this run trains on privately"):
+    train.run(on_shards, str(tmp_path / "refused_too"), log=lambda *_: None)
+  assert not os.path.exists(tmp_path / "refused" / "privacy.json")
+
+  on_scenes = small_dpcap_config()
+  on_scenes.steps = 1
+  on_scenes.init_from = str(tmp_path / "declared")
+  entry = train.run(on_scenes, str(tmp_path / "stage2"), log=lambda *_: None)
+  assert entry["init_from"]["data"]["public"] == "declared"
+  assert entry["init_from"]["data"]["source"] == "webdataset"
+  assert entry["data"]["source"] == "shape_scenes"
 
 
 class _FakeTfds:

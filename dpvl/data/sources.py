@@ -67,6 +67,11 @@ REGISTRY = {
     "tfds": _tfds,
 }
 
+# Sources whose records are generated, never read: a non-private run on them touches no private
+# data, so it may seed a private one (dpvl/privacy/provenance.py). Any other source must be
+# declared public in the seeding run's config (`data.public = True`).
+PUBLIC_BY_CONSTRUCTION = frozenset({"shape_scenes", "procedural"})
+
 
 def build_source(cfg):
   """The source named by `cfg.source`, built from the rest of `cfg` (config.data)."""

@@ -1,18 +1,14 @@
 """Gaussian noise for the clipped gradient sum, drawn once per logical step.
 
-One key per step (`jax.random.fold_in(noise_key, step)`) is split into one key per parameter
-leaf. Under `jit` with sharded parameters, JAX's counter-based generator gives every device the
-same values for a replicated leaf and the matching slice for a sharded one (the draw depends on
-the key and the global shape only), so replicas of a parameter never receive different noise.
+Each step has its own key (`secrets.RunSecrets.noise_key`: never reused across steps,
+micro-batches or segments of the ledger), split into one key per parameter leaf. Under `jit`
+with sharded parameters, JAX's counter-based generator gives every device the same values for
+a replicated leaf and the matching slice for a sharded one (the draw depends on the key and the
+global shape only), so replicas of a parameter never receive different noise.
 """
 
 import jax
 import jax.numpy as jnp
-
-
-def step_key(noise_key: jax.Array, step) -> jax.Array:
-  """The noise key of logical step `step`; never reused across steps or micro-batches."""
-  return jax.random.fold_in(noise_key, step)
 
 
 def add_gaussian_noise(tree, key: jax.Array, std):

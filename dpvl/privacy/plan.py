@@ -70,12 +70,10 @@ class PrivacyPlan:
   mechanism: str = "per_example"
   sensitivity: float = math.inf  # Delta: C for per_example (see `contrastive` for the others)
   groups: int = 1
-  done: tuple[accounting.Segment, ...] = ()  # segments run under earlier plans (forced resume)
-
-  @property
-  def first_step(self) -> int:
-    """The global step at which this plan took over."""
-    return sum(s.steps for s in self.done)
+  # What the ledger holds from before this plan took over at global step `start`: the steps
+  # released by earlier segments (`dpvl.privacy.ledger`), each under its own parameters.
+  done: tuple[accounting.Segment, ...] = ()
+  start: int = 0
 
   @property
   def sampling_rate(self) -> float:
@@ -97,7 +95,7 @@ class PrivacyPlan:
 
   def segments(self, step: int) -> list[accounting.Segment]:
     """The run's segments once `step` global steps are done."""
-    return [*self.done, self.segment(step - self.first_step)]
+    return [*self.done, self.segment(step - self.start)]
 
   def epsilon(self, step: int, accountant: str | None = None) -> float:
     """Epsilon spent once `step` global steps are done (plan's accountant unless named)."""
@@ -142,7 +140,7 @@ class PrivacyPlan:
         num_microbatches=self.num_microbatches,
         capacity=self.capacity,
         truncation_probability=accounting.truncation_probability(
-            self.dataset_size, self.sampling_rate, self.capacity, self.steps - self.first_step,
+            self.dataset_size, self.sampling_rate, self.capacity, self.steps - self.start,
             self.groups),
     )
 
@@ -151,8 +149,9 @@ def _finite_or_none(x: float) -> float | None:
   return x if math.isfinite(x) else None
 
 
-def build_plan(config, done: Sequence[accounting.Segment] = ()) -> PrivacyPlan:
-  """Checks the config and makes the plan; `done` are the segments of a resumed run.
+def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) -> PrivacyPlan:
+  """Checks the config and makes the plan; a resumed run's plan takes over at global step
+  `start` after the ledger's earlier segments `done` (see `PrivacyPlan.done`).
 
   Raises ConfigError with one sentence naming the field for any config that cannot run.
   """
@@ -161,6 +160,7 @@ def build_plan(config, done: Sequence[accounting.Segment] = ()) -> PrivacyPlan:
   steps = get_field(config, "steps")
   _check(isinstance(steps, int) and steps > 0,
          f"config.steps must be a positive integer, got {steps!r}.")
+  _check(start < steps, f"config.steps={steps} are already done.")
   batch = get_field(config, "batch.expected_size")
   _check(isinstance(batch, int) and batch > 0,
          f"config.batch.expected_size must be a positive integer, got {batch!r}.")
@@ -223,7 +223,7 @@ def build_plan(config, done: Sequence[accounting.Segment] = ()) -> PrivacyPlan:
         configured_steps=steps, clip_norm=math.inf, noise_multiplier=0.0, delta=delta,
         accountant=accountant, sampling=sampling, microbatch_size=micro_size,
         num_microbatches=num_micro, target_epsilon=None, truncation_tolerance=1e-6,
-        mechanism=mechanism, groups=groups)
+        mechanism=mechanism, groups=groups, done=tuple(done), start=start)
 
   _check(sigma is not None or target is not None, "config.privacy.noise_multiplier or "
          "config.privacy.target_epsilon must be set for a private run.")
@@ -263,14 +263,12 @@ def build_plan(config, done: Sequence[accounting.Segment] = ()) -> PrivacyPlan:
       num_microbatches=num_micro, target_epsilon=target, truncation_tolerance=tolerance,
       mechanism=mechanism, sensitivity=sensitivity, groups=groups)
 
-  done_steps = sum(s.steps for s in done)
-  _check(done_steps < steps, f"config.steps={steps} are already done.")
   if target is not None:
     # The exact (truncated) accounting decides how many steps fit in the budget. When sigma was
     # calibrated this is all of them, unless truncation cost more than calibration allowed for.
-    steps_ok = accounting.max_steps_within(accountant, done, plan.segment(steps - done_steps),
+    steps_ok = accounting.max_steps_within(accountant, done, plan.segment(steps - start),
                                            target_epsilon=target, delta=delta)
     _check(steps_ok > 0, f"config.privacy.target_epsilon={target} is unreachable: the next "
            "step at this noise multiplier would already spend more.")
-    plan = dataclasses.replace(plan, steps=done_steps + steps_ok)
-  return dataclasses.replace(plan, done=tuple(done))
+    plan = dataclasses.replace(plan, steps=start + steps_ok)
+  return dataclasses.replace(plan, done=tuple(done), start=start)
