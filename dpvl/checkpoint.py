@@ -1,8 +1,8 @@
 """Orbax checkpoints of a run: train state (params, optimizer state, step) plus a JSON meta item
-(ledger, sampler and noise seeds, privacy plan fingerprint). Saves are atomic (orbax writes to a
+(the ledger and the run's root secret, `privacy.secrets`). Saves are atomic (orbax writes to a
 temporary directory and renames); the newest `max_to_keep` are kept.
 
-The meta item holds the run's secret seed: keep checkpoints private, publish parameters only.
+The meta item holds the run's root secret: keep checkpoints private, publish parameters only.
 """
 
 import os
