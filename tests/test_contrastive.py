@@ -1,6 +1,8 @@
 """DP-CLIP's mechanisms: the loss, Logit-DP's pair norms and clipped sum against brute force,
 hash groups, and the declared sensitivities measured on random and adversarial neighbours."""
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -18,7 +20,9 @@ DIM = 4
 
 
 def _normalize(x):
-  return x / jnp.linalg.norm(x)
+  """x / ||x||, finite at x = 0 (the zero placeholder of invalid examples) like
+  `dpvl.models.clip.l2_normalize`."""
+  return x / jnp.sqrt(jnp.sum(x * x) + 1e-12)
 
 
 def _toy_model(tau=TAU):
@@ -141,6 +145,73 @@ def test_logit_dp_without_clipping_is_the_exact_gradient_across_micro_batches():
     got = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad)])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert float(metrics["loss"]) == pytest.approx(float(loss(params)) / 7, rel=1e-5)
+
+
+MARKER = 7.0  # a finite pixel value on which `_fragile_model`'s image tower overflows
+NONFINITE_RUNS = {  # name: (mechanism, keyword arguments)
+    "logit_dp_exact": ("logit_dp", dict(pair_norms_how="exact")),
+    "logit_dp_bound": ("logit_dp", dict(pair_norms_how="bound")),
+    "logit_dp_nonprivate": ("logit_dp", dict(enabled=False)),
+    "per_batch": ("per_batch", {}),
+}
+
+
+def _fragile_model():
+  """`_toy_model` whose image tower overflows (inf, then NaN, forward and backward) on any
+  image that contains MARKER: a finite input that the tower cannot embed."""
+  toy = _toy_model()
+
+  def embed_image(p, ex):
+    scale = jnp.where(jnp.any(ex["x"] == MARKER), jnp.inf, 1.0)
+    return toy.embed_image(p, dict(ex, x=ex["x"] * scale))
+
+  return dataclasses.replace(toy, embed_image=embed_image)
+
+
+@functools.cache
+def _nonfinite_run(name):
+  """Jitted (batch, mask) -> (flat gradient, nonfinite) of one NONFINITE_RUNS entry (noise off)."""
+  mechanism, kw = NONFINITE_RUNS[name]
+  model, params = _fragile_model(), _toy_params(4)
+
+  def run(batch, mask):
+    grad, metrics = contrastive.GRADIENTS[mechanism](
+        model, params, batch, mask, None, jax.random.key(0), clip_norm=0.3, noise_std=0.0,
+        expected_batch_size=1, **kw)
+    return jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grad)]), metrics["nonfinite"]
+
+  return jax.jit(run)
+
+
+@pytest.mark.parametrize("bad", ["nan_pixel", "inf_pixel", "tower_overflow"])
+@pytest.mark.parametrize("name", list(NONFINITE_RUNS))
+def test_a_nonfinite_example_acts_as_padding(name, bad):
+  """A record with a NaN or inf pixel, or one that its tower cannot embed, leaves no trace in
+  the gradient: it is dropped like padding (Logit-DP), or drops its group (per-batch), and no
+  coordinate turns non-finite (0 x NaN in a backward pass would reveal the record)."""
+  run = _nonfinite_run(name)
+  rng = np.random.default_rng(7)
+  slot = (0, 1)  # micro-batch (per-batch: group) 0, which holds 4 valid pairs
+  clean, mask = _batch(rng.normal(size=(6, DIM)), rng.normal(size=(6, DIM)), 2, 4)
+  x = np.array(clean["x"])
+  x[slot + (2,)] = dict(nan_pixel=np.nan, inf_pixel=np.inf, tower_overflow=MARKER)[bad]
+  poisoned = dict(clean, x=jnp.asarray(x))
+  without_slot = mask.at[slot].set(False)
+  logit_dp = NONFINITE_RUNS[name][0] == "logit_dp"
+  dropped = without_slot if logit_dp else mask.at[0].set(False)
+
+  grad, nonfinite = run(poisoned, mask)
+  print(f"{name} {bad}: {int(np.sum(~np.isfinite(grad)))} of {grad.size} coordinates not finite")
+  assert np.all(np.isfinite(grad))
+  assert int(nonfinite) == (1 if logit_dp else 4)
+  want, none = run(clean, dropped)
+  assert int(none) == 0
+  np.testing.assert_allclose(grad, want, rtol=0, atol=1e-6 * np.abs(want).max())
+  # the bad content in a padding slot does not matter either
+  padded, none = run(poisoned, without_slot)
+  want, _ = run(clean, without_slot)
+  assert int(none) == 0
+  np.testing.assert_allclose(padded, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
 def _embedding_inputs(params, targets_u, targets_v):

@@ -74,6 +74,8 @@ class DualEncoder:
   embed_image: (image params, example) -> L2-normalised embedding [d] of one example's image.
   embed_text: (text params, example) -> L2-normalised embedding [d] of its caption.
   temperature: the fixed softmax temperature tau.
+  Both towers must be finite, with finite derivatives, on the all-zeros example: the public
+  placeholder that the mechanisms embed in place of padding and of dropped examples.
   """
 
   embed_image: Callable[[Any, Any], jax.Array]
@@ -99,6 +101,22 @@ def contrastive_losses(sims, mask, temperature: float):
   return jnp.where(mask, losses, 0.0)
 
 
+def _placeholder(keep, examples):
+  """`examples` with every leaf of each example where `keep` is False set to zeros.
+
+  `keep` has the examples' leading shape. The zeros are a fixed public placeholder (the loader
+  pads with them too): a dropped example's cotangent is zero, but 0 x NaN is NaN, so a NaN or
+  inf input that reached a backward pass would spread over the shared parameters' gradient
+  and reveal the record.
+  """
+
+  def leaf(x):
+    k = keep.reshape(keep.shape + (1,) * (x.ndim - keep.ndim))
+    return jnp.where(k, x, jnp.zeros((), x.dtype))
+
+  return jax.tree.map(leaf, examples)
+
+
 def per_batch_sensitivity(clip_norm: float) -> float:
   """Delta of `per_batch` under add/remove: 2C (see the module docstring)."""
   return 2.0 * clip_norm
@@ -122,7 +140,8 @@ def group_of(indices: np.ndarray, key: int, step: int, groups: int) -> np.ndarra
   """The group in [0, groups) of each record index at `step`: a keyed hash of (index, step).
 
   A function of the record's own index only, so adding or removing a record moves no other
-  record between groups. Fresh groups every step; the key is the run's secret seed.
+  record between groups. Fresh groups every step; the key is the run's secret group salt
+  (`secrets.RunSecrets.group_salt`).
   """
   with np.errstate(over="ignore"):
     salt = _mix64(np.array([(key ^ (step * 0x9E3779B97F4A7C15)) & (2**64 - 1)], np.uint64))
@@ -158,7 +177,11 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
                        enabled: bool = True, **_):
   """Per-batch clipping: micro-batch g of `batch` [groups, capacity, ...] is group g.
 
-  Returns (gradient estimate, metrics) like `dpsgd.private_gradient`.
+  Padding is embedded as the zero placeholder. A group whose loss or gradient is not finite (a
+  NaN or inf input, or a tower that cannot embed one of its records) is dropped whole, with
+  `jnp.where`, and its records counted in `nonfinite`: adding the record moves only its group,
+  from a clipped gradient to zero. Returns (gradient estimate, metrics) like
+  `dpsgd.private_gradient`.
   """
 
   def group_loss(p, group, m):
@@ -168,6 +191,7 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
 
   def clipped_group(p, group, m, _):
     """The group's gradient clipped to C as one unit (zero if it or the loss is not finite)."""
+    group = _placeholder(m, group)
     (_, losses), g = jax.value_and_grad(group_loss, has_aux=True)(p, group, m)
     as_one = jax.tree.map(lambda x: x[None], g)
     clipped, stats = clipping.clip(as_one, jnp.all(jnp.isfinite(losses))[None],
@@ -277,26 +301,34 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
   (`pairwise_cotangents`); pass 2 runs one backward pass per micro-batch with the resulting
   cotangents. Non-private: the same two passes
   without clipping (the exact gradient of the summed loss). Returns (gradient, metrics).
+
+  An example whose embeddings or Gram matrices are not finite (a NaN or inf input, or a tower
+  that cannot embed it) acts as padding and is counted in `nonfinite`: pass 1's outputs for it
+  are replaced by zeros, and pass 2 embeds the zero placeholder in its place, as for padding,
+  so that no backward pass meets a NaN. Each term depends on that record only, so dropping it
+  is the removal of the record, which the sensitivity covers.
   """
   del rngs
   pi, pt = params["image"], params["text"]
 
-  def embed_micro(_, micro):
+  def embed_micro(_, xs):
+    micro, m = xs
+    micro = _placeholder(m, micro)
     if enabled:
       u, gu = jax.vmap(lambda x: _gram(model.embed_image, pi, x))(micro)
       v, gv = jax.vmap(lambda x: _gram(model.embed_text, pt, x))(micro)
-      if pair_norms_how == "bound":  # keep [n] eigenvalue maxima, not [n, d, d]
-        gu, gv = jnp.linalg.eigvalsh(gu)[:, -1], jnp.linalg.eigvalsh(gv)[:, -1]
     else:
       u, v = model.embed(params, micro)
       gu = gv = jnp.zeros(u.shape[:1])
-    return None, (u, v, gu, gv)
+    rows = lambda x: jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), -1)
+    finite = rows(u) & rows(v) & rows(gu) & rows(gv)
+    if enabled and pair_norms_how == "bound":  # keep [n] eigenvalue maxima, not [n, d, d]
+      top = lambda g: jnp.linalg.eigvalsh(jnp.where(finite[:, None, None], g, 0.0))[:, -1]
+      gu, gv = top(gu), top(gv)
+      finite &= jnp.isfinite(gu) & jnp.isfinite(gv)
+    return None, (u, v, gu, gv, finite)
 
-  _, (u, v, gu, gv) = jax.lax.scan(embed_micro, None, batch)
-  per_example = lambda x: x.reshape(*mask.shape, -1)
-  finite = (jnp.all(jnp.isfinite(u), -1) & jnp.all(jnp.isfinite(v), -1)
-            & jnp.all(jnp.isfinite(per_example(gu)), -1)
-            & jnp.all(jnp.isfinite(per_example(gv)), -1))
+  _, (u, v, gu, gv, finite) = jax.lax.scan(embed_micro, None, (batch, mask))
   valid = mask & finite  # a non-finite example acts as padding (it depends on that record only)
   zero_bad = lambda x: jnp.where(valid.reshape(*mask.shape, *(1,) * (x.ndim - 2)), x, 0.0)
   u, v, gu, gv = map(zero_bad, (u, v, gu, gv))
@@ -305,7 +337,8 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
       enabled=enabled, how=pair_norms_how)
 
   def backward_micro(acc, xs):
-    micro, cu, cv = xs
+    micro, ok, cu, cv = xs
+    micro = _placeholder(ok, micro)  # pass 1's verdict: drops a tower's NaN on a finite input too
 
     def weighted(p):
       eu, ev = model.embed(p, micro)
@@ -314,7 +347,9 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
     g = jax.grad(weighted)(params)
     return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), None
 
-  total, _ = jax.lax.scan(backward_micro, clipping.zeros_f32(params), (batch, cot_u, cot_v))
+  cot_u, cot_v = (jnp.where(valid[..., None], c, 0.0) for c in (cot_u, cot_v))  # zero off valid
+  total, _ = jax.lax.scan(backward_micro, clipping.zeros_f32(params),
+                          (batch, valid, cot_u, cot_v))
   stats["nonfinite"] = jnp.sum(mask & ~finite)
   return dpsgd.noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
                           expected_batch_size=expected_batch_size, enabled=enabled)
