@@ -177,6 +177,12 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     header = dict(run_id=run_secrets.run_id,
                   secrets="os" if test_seed is None else "config.privacy.seed")
     resumed = ledger_lib.Resume((), 0, 0)
+    init_from = plan_lib.get_field(config, "init_from", None)
+    if init_from:  # checked before anything is written
+      warm_params, header["init_from"] = provenance.load_warm_start(
+          init_from, jax.eval_shape(objective.init, jax.random.key(0)), config.data)
+      log(f"parameters from {init_from} (stage 1: non-private, on public "
+          f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
   else:
     meta = ckpt.restore_meta()
     run_secrets = _restored_secrets(meta, workdir)
@@ -197,7 +203,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     resumed = ledger_lib.resume(records, checkpoint_step, plan.fingerprint(), computation,
                                 force_resume)
     plan = plan_lib.build_plan(config, [r.segment for r in resumed.closed], resumed.start)
-    if resumed.released == 0:
+    if len(resumed.closed) == len(records):  # a new segment
       last = records[-1]
       changes = ledger_lib.plan_changes(last.plan, plan.fingerprint())
       if not changes and os.path.exists(config_path):
@@ -227,13 +233,8 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
                           abstract)
   if checkpoint_step is None:
     state = jax.jit(init_state, out_shardings=replicated)()
-    init_from = plan_lib.get_field(config, "init_from", None)
-    if init_from:
-      params, header["init_from"] = provenance.load_warm_start(init_from, abstract["params"],
-                                                               config.data)
-      state = dict(state, params=jax.device_put(params, replicated))
-      log(f"parameters from {init_from} (stage 1: non-private, on public "
-          f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
+    if "init_from" in header:
+      state = dict(state, params=jax.device_put(warm_params, replicated))
     start = 0
   else:
     state, _ = ckpt.restore(abstract)
@@ -279,7 +280,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       f"mechanism={plan.mechanism} sensitivity={plan.sensitivity:.4g} "
       f"steps={plan.steps} capacity={plan.capacity} "
       f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
-      f"planned epsilon={plan.summary()['epsilon']}")
+      f"planned epsilon={ledger.summary['epsilon']}")
 
   def fetch(step):
     selection = sampler.select(step)

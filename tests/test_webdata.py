@@ -334,6 +334,7 @@ def test_warm_start_only_from_public_data(shards, tmp_path):
   with pytest.raises(plan_lib.ConfigError, match="the data this run trains on privately"):
     train.run(on_shards, str(tmp_path / "refused_too"), log=lambda *_: None)
   assert not os.path.exists(tmp_path / "refused" / "privacy.json")
+  assert not os.path.exists(tmp_path / "refused" / "config.json")
 
   on_scenes = small_dpcap_config()
   on_scenes.steps = 1

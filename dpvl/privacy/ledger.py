@@ -240,7 +240,7 @@ class Ledger:
     self.released = resumed.released
     self.computation = computation
     self.header = header
-    self._summary = plan.summary()
+    self.summary = plan.summary()
     self._epsilons = {}
 
   @property
@@ -271,7 +271,7 @@ class Ledger:
   def entry(self, status: str) -> dict:
     spent = {f"epsilon_spent_{a}": _none_if_inf(self.epsilon(a)) for a in accounting.ACCOUNTANTS}
     records = self.records()
-    return dict(self._summary, **self.header, steps_done=self.step,
+    return dict(self.summary, **self.header, steps_done=self.step,
                 steps_accounted=sum(r.segment.steps for r in records), status=status,
                 epsilon_spent=spent[f"epsilon_spent_{self.plan.accountant}"], **spent,
                 segments=[r.to_json() for r in records], fingerprint=self.plan.fingerprint(),
