@@ -23,6 +23,7 @@ def get_config():
   c.data.seed = 0
   c.data.max_objects = 1
   c.data.public = False         # True only for public data: then this run may seed a private one
+  c.data.max_skip_fraction = 0.05  # stop when far more records than this are unusable
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.type = "byte"

@@ -11,6 +11,7 @@ def laion233m_data(crop: str = "center") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       source="array_record", path="gs://YOUR_BUCKET/laion233m-arrayrecord", size=N,
       image_size=224, crop=crop, seed=0,
+      max_skip_fraction=0.05,  # stop when far more records than this are unusable
       workers=16))  # decoding processes per host
 
 

@@ -17,8 +17,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dpvl import lock as lock_lib
 from dpvl import objectives
 from dpvl import train
+from dpvl.data import errors as data_errors
 from dpvl.data import sources
 from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
@@ -30,6 +32,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval"], "What t
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: latest).")
 _FORCE = flags.DEFINE_bool("force_resume", False,
                            "Resume even if the privacy plan changed (the ledger composes both).")
+_RESTART = flags.DEFINE_bool(
+    "force_restart", False, "Start over in a workdir whose checkpoints are lost; the ledger "
+    "keeps the steps its privacy.json accounts for.")
 
 
 def check_config(config) -> None:
@@ -63,8 +68,9 @@ def main(argv):
     if _MODE.value == "eval":
       print(json.dumps(train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
       return
-    train.run(config, _WORKDIR.value, force_resume=_FORCE.value)
-  except (plan_lib.ConfigError, ledger_lib.ResumeError) as e:
+    train.run(config, _WORKDIR.value, force_resume=_FORCE.value, force_restart=_RESTART.value)
+  except (plan_lib.ConfigError, ledger_lib.ResumeError, lock_lib.LockedError,
+          data_errors.TooManyBadRecords) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -8,6 +8,7 @@ Workdir layout:
   checkpoints/     orbax: train state, the run's secrets, ledger
 """
 
+import collections
 import concurrent.futures
 import functools
 import json
@@ -24,7 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import evaluate
 from dpvl import jsonfile
+from dpvl import lock as lock_lib
 from dpvl import metrics as metrics_lib
+from dpvl.data import errors as data_errors
 from dpvl.data import loader as loader_lib
 from dpvl.data import sources
 from dpvl.objectives import build_objective
@@ -138,8 +141,49 @@ def _redacted(tree: dict) -> dict:
   return tree
 
 
-def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the ledger."""
+def _metrics_steps(workdir: str) -> int:
+  """The last training step that metrics.jsonl records (0 if none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return max((json.loads(line).get("step", 0) for line in f if line.strip()), default=0)
+
+
+def _spent_without_checkpoint(workdir: str, on_disk: dict | None, force_restart: bool,
+                              log) -> tuple[ledger_lib.Record, ...]:
+  """The ledger records of a workdir without a checkpoint: () if it spent nothing. Its spending
+  is never forgotten: a restart is refused unless `force_restart`, which composes it."""
+  if on_disk is None:
+    shown = _metrics_steps(workdir)
+    if shown:
+      raise ledger_lib.ResumeError(
+          f"{workdir} has no checkpoint and no privacy.json, but its metrics.jsonl shows {shown} "
+          "steps trained, whose spending cannot be accounted; restore the checkpoints or "
+          "privacy.json, or use a new --workdir.")
+    return ()
+  spent = ledger_lib.accounted_steps(on_disk)
+  if spent == 0:
+    return ()
+  if not force_restart:
+    raise ledger_lib.ResumeError(
+        f"{workdir} has no checkpoint to resume from, but its ledger (privacy.json) accounts "
+        f"for {spent} steps (epsilon {on_disk.get('epsilon_spent')}) that starting over would "
+        "forget; restore the checkpoints, use a new --workdir, or pass --force_restart to start "
+        "over with that spending composed into the new ledger.")
+  log(f"--force_restart: starting over; the {spent} steps in privacy.json (epsilon "
+      f"{on_disk.get('epsilon_spent')}) stay in the ledger.")
+  return tuple(ledger_lib.records_of(on_disk))
+
+
+def run(config, workdir: str, force_resume: bool = False, force_restart: bool = False,
+        log=print) -> dict:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the ledger.
+
+  `force_resume`: go on under a changed privacy plan (a new ledger segment). `force_restart`:
+  start over in a workdir whose ledger has spent steps but whose checkpoints are lost, with
+  that spending composed into the new ledger.
+  """
   plan = plan_lib.build_plan(config)
   try:
     objective = build_objective(config)
@@ -158,15 +202,29 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
         f"{mesh.size} devices of the data axis.")
   evaluators = evaluate.build_evaluators(config, objective)  # loads their data: after the checks
 
-  # The ledger so far, from the checkpoint and privacy.json; never from the config.
+  max_skip = float(plan_lib.get_field(config, "data.max_skip_fraction", 0.05))
+  if not 0 <= max_skip <= 1:
+    raise plan_lib.ConfigError(f"config.data.max_skip_fraction must be in [0, 1], got "
+                               f"{max_skip}.")
   os.makedirs(workdir, exist_ok=True)
+  with lock_lib.WorkdirLock(workdir, log):  # one run per workdir
+    return _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
+                  max_skip, force_resume, force_restart, log)
+
+
+def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators, max_skip,
+           force_resume, force_restart, log) -> dict:
+  """`run` once its cheap checks passed and it holds the workdir."""
+  # The ledger so far, from the checkpoint and privacy.json; never from the config.
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   ledger_path = os.path.join(workdir, "privacy.json")
   config_path = os.path.join(workdir, "config.json")
   computation = ledger_lib.computation_fingerprint(config)
   test_seed = plan_lib.get_field(config, "privacy.seed", None)
   checkpoint_step = ckpt.latest_step()
+  on_disk = ledger_lib.read(ledger_path)
   if checkpoint_step is None:
+    earlier = _spent_without_checkpoint(workdir, on_disk, force_restart, log)
     if test_seed is None:
       run_secrets = secrets_lib.RunSecrets.draw()
     else:
@@ -176,7 +234,10 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     meta = dict(secrets=run_secrets.hex())
     header = dict(run_id=run_secrets.run_id,
                   secrets="os" if test_seed is None else "config.privacy.seed")
-    resumed = ledger_lib.Resume((), 0, 0)
+    resumed = ledger_lib.Resume(earlier, 0, 0)
+    if earlier:
+      header["earlier_runs"] = [on_disk.get("run_id"), *on_disk.get("earlier_runs", [])]
+      plan = plan_lib.build_plan(config, [r.segment for r in earlier])
     init_from = plan_lib.get_field(config, "init_from", None)
     if init_from:  # checked before anything is written
       warm_params, header["init_from"] = provenance.load_warm_start(
@@ -184,9 +245,12 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
       log(f"parameters from {init_from} (stage 1: non-private, on public "
           f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
   else:
+    if force_restart:
+      raise ledger_lib.ResumeError(f"--force_restart: {workdir} has a checkpoint at step "
+                                   f"{checkpoint_step}; re-run without it to resume.")
     meta = ckpt.restore_meta()
     run_secrets = _restored_secrets(meta, workdir)
-    entry = ledger_lib.latest(meta["ledger"], ledger_lib.read(ledger_path))
+    entry = ledger_lib.latest(meta["ledger"], on_disk)
     header = {k: entry[k] for k in ledger_lib.HEADER_FIELDS if k in entry}
     records = ledger_lib.records_of(entry)
     if records[-1].plan == plan.fingerprint():
@@ -298,6 +362,7 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
   if start == 0 < plan.steps:
     run_evals(0)  # the untrained (or warm-started) encoder: the baseline of every eval
   window = []
+  recent = collections.deque(maxlen=config.log_every)  # (drawn, skipped) of the last batches
   for step in range(start, plan.steps):
     waited = time.time()
     selection, batch = pending.result()
@@ -307,6 +372,23 @@ def run(config, workdir: str, force_resume: bool = False, log=print) -> dict:
     truncated_total += selection.truncated
     for reason, count in batch.skipped.items():
       skipped_total[reason] = skipped_total.get(reason, 0) + count
+    recent.append((selection.size, batch.skipped))
+    drawn, skipped = sum(d for d, _ in recent), sum(sum(c.values()) for _, c in recent)
+    if data_errors.too_many_skipped(skipped, drawn, max_skip):  # before the step spends budget
+      prefetcher.shutdown(wait=False, cancel_futures=True)
+      loader.close()
+      if ckpt.latest_step() == step:
+        meta["ledger"] = ledger.write("stopped_bad_data")
+      else:
+        save(step, "stopped_bad_data")
+      ckpt.close()
+      writer.close()
+      reasons = sum((c for _, c in recent), collections.Counter())
+      raise data_errors.TooManyBadRecords(
+          f"{skipped} of the {drawn} records drawn in the last {len(recent)} steps could not be "
+          f"used ({dict(reasons)}), far more than config.data.max_skip_fraction={max_skip} "
+          f"allows: stopped before step {step + 1} with a checkpoint; check the data "
+          "(docs/data.md), then re-run the command to go on.")
     state, metrics = train_step(
         state, jax.tree.map(to_global, batch.examples), to_global(batch.mask), example_key,
         run_secrets.noise_key(segment, step))

@@ -3,6 +3,7 @@ release; a replay that is not bit for bit gets fresh noise and its abandoned ste
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -106,6 +107,34 @@ def test_resume_with_a_changed_learning_rate_replays_with_fresh_noise(tmp_path, 
       accounting.epsilon("pld", [plan.segment(4), plan.segment(3)], plan.delta), rel=1e-6)
   assert entry["epsilon_spent"] > plan.epsilon(6)
   assert any("optimizer.learning_rate" in line and "steps 4..4" in line for line in logs)
+
+
+def test_lost_checkpoints_never_make_the_ledger_forget(tmp_path):
+  workdir = str(tmp_path)
+  config = small_dpcap_config()
+  with pytest.raises(_Interrupt):  # released 4 steps; the last checkpoint is step 3
+    train.run(config, workdir, log=_crash_after(4))
+  first = _ledger(workdir)
+  shutil.rmtree(tmp_path / "checkpoints")
+  before = _files(workdir)
+  with pytest.raises(ledger_lib.ResumeError, match="accounts for 4 steps"):
+    train.run(config, workdir, log=_quiet)
+  assert _files(workdir) == before  # privacy.json is not reset
+
+  entry = train.run(config, workdir, force_restart=True, log=_quiet)
+  assert [(s["start"], s["steps"]) for s in entry["segments"]] == [(0, 4), (0, 6)]
+  assert entry["steps_accounted"] == 10 and entry["earlier_runs"] == [first["run_id"]]
+  plan = plan_lib.build_plan(config)
+  assert entry["epsilon_spent"] == pytest.approx(
+      accounting.epsilon("pld", [plan.segment(4), plan.segment(6)], plan.delta), rel=1e-6)
+  with pytest.raises(ledger_lib.ResumeError, match="re-run without it"):
+    train.run(config, workdir, force_restart=True, log=_quiet)
+
+  # Without privacy.json either, the metrics still show that steps were trained.
+  shutil.rmtree(tmp_path / "checkpoints")
+  os.remove(tmp_path / "privacy.json")
+  with pytest.raises(ledger_lib.ResumeError, match="metrics.jsonl shows 6 steps"):
+    train.run(config, workdir, force_restart=True, log=_quiet)
 
 
 # -- the resume decision ---------------------------------------------------------------------

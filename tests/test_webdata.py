@@ -316,6 +316,24 @@ def test_dp_training_on_converted_array_records(converted, tmp_path):
     train.run(config, str(tmp_path / "wrong_size"), log=lambda *_: None)
 
 
+def test_a_dataset_that_yields_nothing_stops_before_spending(tmp_path):
+  wf.write_shard(tmp_path / "00000.tar", 0, 40, {n: "corrupt_image" for n in range(40)})
+  config = _web_config("webdataset", str(tmp_path / "00000.tar"), 40)
+  with pytest.raises(errors.TooManyBadRecords,
+                     match=r"(\d+) of the \1 records drawn in the last 1 steps"):
+    train.run(config, str(tmp_path / "run"), log=lambda *_: None)
+  ledger = json.load(open(tmp_path / "run" / "privacy.json"))
+  assert ledger["status"] == "stopped_bad_data" and ledger["steps_done"] == 0
+  assert ledger["epsilon_spent"] == 0.0
+
+
+def test_skip_rate_check_stops_only_far_above_the_threshold():
+  assert errors.too_many_skipped(32, 32, 0.05) and errors.too_many_skipped(30, 1000, 0.01)
+  assert not errors.too_many_skipped(3, 64, 0.05)  # a few bad records: train on
+  assert not errors.too_many_skipped(0, 10, 0.0) and errors.too_many_skipped(1, 10, 0.0)
+  assert not errors.too_many_skipped(10, 10, 1.0)
+
+
 def test_warm_start_only_from_public_data(shards, tmp_path):
   """A non-private stage 1 on the private tar shards cannot seed a private run; declared
   public, it can, except for a private run on those same shards."""

@@ -1,4 +1,7 @@
-"""The error a bad record raises: the loader skips the record and counts it by `reason`."""
+"""The error a bad record raises: the loader skips the record and counts it by `reason`; and the
+check that stops a run whose data has gone bad before it spends budget on nothing."""
+
+from scipy import stats
 
 # Reasons are short, stable names: they are keys of the `skipped` counts in metrics.jsonl.
 CORRUPT_IMAGE = "corrupt_image"        # not a decodable JPEG/PNG/WebP, or cut short
@@ -29,3 +32,18 @@ def check_index(index, size: int) -> int:
   if not 0 <= index < size:
     raise IndexError(f"index {index} out of range for {size} records.")
   return index
+
+
+class TooManyBadRecords(RuntimeError):
+  """The share of skipped records is far above `config.data.max_skip_fraction`."""
+
+
+def too_many_skipped(skipped: int, drawn: int, max_fraction: float,
+                     significance: float = 1e-6) -> bool:
+  """Whether `skipped` of `drawn` records is significantly more than `max_fraction` of them:
+  P(Binomial(drawn, max_fraction) >= skipped) < `significance`. With healthy data skipping at
+  most that rate, a run is stopped by mistake with probability below `significance` per check;
+  with data that yields nothing, a batch of 32 records is enough to stop it (at 5%)."""
+  if skipped == 0:
+    return False
+  return float(stats.binom.sf(skipped - 1, drawn, max_fraction)) < significance

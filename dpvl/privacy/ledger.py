@@ -37,7 +37,7 @@ from dpvl.privacy import accounting
 # Config fields that do not change what a step computes: changing them keeps a segment going.
 OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "evals", "data.workers", "privacy.seed")
 # Ledger fields fixed when a run starts, kept as they are on resume.
-HEADER_FIELDS = ("run_id", "secrets", "data", "init_from")
+HEADER_FIELDS = ("run_id", "secrets", "data", "init_from", "earlier_runs")
 
 
 class ResumeError(RuntimeError):
@@ -64,8 +64,8 @@ class Record:
 
   @classmethod
   def from_json(cls, d: dict) -> "Record":
-    d = dict(d)
-    start, plan, computation = d.pop("start"), d.pop("plan"), d.pop("computation")
+    d = dict(d)  # a privacy.json of an earlier dpvl has no start, plan or computation
+    start, plan, computation = d.pop("start", 0), d.pop("plan", {}), d.pop("computation", "")
     return cls(start, accounting.Segment(**d), plan, computation)
 
 
