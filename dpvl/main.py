@@ -68,7 +68,10 @@ def main(argv):
     if _MODE.value == "eval":
       print(json.dumps(train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
       return
-    train.run(config, _WORKDIR.value, force_resume=_FORCE.value, force_restart=_RESTART.value)
+    entry = train.run(config, _WORKDIR.value, force_resume=_FORCE.value,
+                      force_restart=_RESTART.value)
+    if entry["status"] == "interrupted":
+      sys.exit(130)
   except (plan_lib.ConfigError, ledger_lib.ResumeError, lock_lib.LockedError,
           data_errors.TooManyBadRecords) as e:
     print(f"error: {e}", file=sys.stderr)

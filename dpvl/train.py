@@ -27,6 +27,7 @@ from dpvl import evaluate
 from dpvl import jsonfile
 from dpvl import lock as lock_lib
 from dpvl import metrics as metrics_lib
+from dpvl import stopping
 from dpvl.data import errors as data_errors
 from dpvl.data import loader as loader_lib
 from dpvl.data import sources
@@ -207,13 +208,13 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
     raise plan_lib.ConfigError(f"config.data.max_skip_fraction must be in [0, 1], got "
                                f"{max_skip}.")
   os.makedirs(workdir, exist_ok=True)
-  with lock_lib.WorkdirLock(workdir, log):  # one run per workdir
+  with lock_lib.WorkdirLock(workdir, log), stopping.StopRequests(log) as stop:
     return _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
-                  max_skip, force_resume, force_restart, log)
+                  max_skip, force_resume, force_restart, stop, log)
 
 
 def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators, max_skip,
-           force_resume, force_restart, log) -> dict:
+           force_resume, force_restart, stop, log) -> dict:
   """`run` once its cheap checks passed and it holds the workdir."""
   # The ledger so far, from the checkpoint and privacy.json; never from the config.
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -308,7 +309,8 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
   def save(step: int, status: str):
     ledger.advance(step)
     meta["ledger"] = ledger.write(status)  # the ledger first: it covers what the save releases
-    ckpt.save(step, state, meta)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, meta)
 
   if checkpoint_step is None:
     save(0, "running")  # the secrets are fixed from the first step on
@@ -377,10 +379,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
     if data_errors.too_many_skipped(skipped, drawn, max_skip):  # before the step spends budget
       prefetcher.shutdown(wait=False, cancel_futures=True)
       loader.close()
-      if ckpt.latest_step() == step:
-        meta["ledger"] = ledger.write("stopped_bad_data")
-      else:
-        save(step, "stopped_bad_data")
+      save(step, "stopped_bad_data")
       ckpt.close()
       writer.close()
       reasons = sum((c for _, c in recent), collections.Counter())
@@ -419,11 +418,17 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
       save(done, "running")
     if evals_due:
       run_evals(done)
+    if stop.requested and done < plan.steps:
+      break
 
-  prefetcher.shutdown(wait=False)
+  prefetcher.shutdown(wait=False, cancel_futures=True)
   loader.close()
   final = int(state["step"])
-  if final < plan.configured_steps:
+  if final < plan.steps:
+    status = "interrupted"
+    log(f"{stop.signal_name}: stopped after step {final} with a checkpoint; re-run the command "
+        "to go on.")
+  elif final < plan.configured_steps:
     status = "budget_exhausted"
     log(f"privacy budget reached: stopping after {final} of {plan.configured_steps} steps; the "
         f"next step would exceed target epsilon {plan.target_epsilon}. Checkpoint saved.")
@@ -431,7 +436,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
     status = "completed"
   save(final, status)
   ckpt.close()
-  if start < final:
+  if start < final and status != "interrupted":
     run_evals(final)  # after the final checkpoint: an evaluation never costs training work
   writer.close()
   if skipped_total:

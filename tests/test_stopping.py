@@ -1,0 +1,40 @@
+"""Ctrl-C and SIGTERM stop a run at the end of its step with a checkpoint; twice aborts."""
+
+import os
+import signal
+
+import pytest
+
+from conftest import small_dpcap_config
+from dpvl import checkpoint as checkpoint_lib
+from dpvl import train
+
+
+def _signal_at(step: int, times: int = 1, signum=signal.SIGINT):
+  def log(message):
+    if message.startswith(f"step {step:>6}/"):
+      for _ in range(times):
+        os.kill(os.getpid(), signum)
+  return log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, signum):
+  config = small_dpcap_config()  # 6 steps, checkpoints every 3
+  entry = train.run(config, str(tmp_path), log=_signal_at(4, signum=signum))
+  assert entry["status"] == "interrupted" and entry["steps_done"] == 4
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+  assert not os.path.exists(tmp_path / "lock")
+  assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)
+  logs = []
+  entry = train.run(config, str(tmp_path), log=logs.append)
+  assert "resumed from step 4 in " + str(tmp_path) in logs
+  assert entry["status"] == "completed" and entry["steps_done"] == 6
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+  with pytest.raises(KeyboardInterrupt):
+    train.run(small_dpcap_config(), str(tmp_path), log=_signal_at(2, times=2))
+  assert not os.path.exists(tmp_path / "lock")
