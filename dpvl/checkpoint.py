@@ -44,6 +44,34 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def newest_intact(self, abstract_state, set_aside: str, log=print):
+    """(step, state, meta) of the newest checkpoint that restores whole, or None if none does.
+
+    A newer one that does not restore (a missing item, unreadable array files, a torn write) is
+    moved to `set_aside/<step>`, kept for inspection, with one line saying why: the run goes on
+    from the one before, and a later save of that step finds its place free.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(abstract_state, step)
+        return step, state, meta
+      except Exception as e:  # pylint: disable=broad-except  # orbax and tensorstore vary
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        os.makedirs(set_aside, exist_ok=True)
+        target, copies = os.path.join(set_aside, str(step)), 0
+        while os.path.exists(target):  # set aside before
+          copies += 1
+          target = os.path.join(set_aside, f"{step}.{copies}")
+        os.replace(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
+        log(f"checkpoint {step} cannot be restored ({type(e).__name__}: {reason}); moved to "
+            f"{target}, going back to the one before.")
+    return None
+
+  @property
+  def directory(self) -> str:
+    return os.fspath(self._manager.directory)
+
   def restore_state_arrays(self, step: int | None = None):
     """The saved train state on this host's first device, whatever topology saved it (e.g. to
     read the params of a pod run on one machine)."""

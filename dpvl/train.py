@@ -216,13 +216,26 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
 def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators, max_skip,
            force_resume, force_restart, stop, log) -> dict:
   """`run` once its cheap checks passed and it holds the workdir."""
+  optimizer = make_optimizer(config.optimizer, plan.configured_steps)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(None, "data"))
+
+  def init_state():
+    params = objective.init(jax.random.key(config.seed))
+    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+  abstract = jax.eval_shape(init_state)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          abstract)
+
   # The ledger so far, from the checkpoint and privacy.json; never from the config.
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   ledger_path = os.path.join(workdir, "privacy.json")
   config_path = os.path.join(workdir, "config.json")
   computation = ledger_lib.computation_fingerprint(config)
   test_seed = plan_lib.get_field(config, "privacy.seed", None)
-  checkpoint_step = ckpt.latest_step()
+  intact = ckpt.newest_intact(abstract, os.path.join(workdir, "unrestorable_checkpoints"), log)
+  checkpoint_step = None if intact is None else intact[0]
   on_disk = ledger_lib.read(ledger_path)
   if checkpoint_step is None:
     earlier = _spent_without_checkpoint(workdir, on_disk, force_restart, log)
@@ -249,7 +262,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
     if force_restart:
       raise ledger_lib.ResumeError(f"--force_restart: {workdir} has a checkpoint at step "
                                    f"{checkpoint_step}; re-run without it to resume.")
-    meta = ckpt.restore_meta()
+    _, state, meta = intact
     run_secrets = _restored_secrets(meta, workdir)
     entry = ledger_lib.latest(meta["ledger"], on_disk)
     header = {k: entry[k] for k in ledger_lib.HEADER_FIELDS if k in entry}
@@ -285,24 +298,12 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
   jsonfile.write_atomic(config_path, _redacted(ledger_lib.config_tree(config)))
   header["data"] = provenance.data_provenance(config.data)
   ledger = ledger_lib.Ledger(ledger_path, plan, resumed, computation, header)
-  optimizer = make_optimizer(config.optimizer, plan.configured_steps)
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(None, "data"))
-
-  def init_state():
-    params = objective.init(jax.random.key(config.seed))
-    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-
-  abstract = jax.eval_shape(init_state)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          abstract)
   if checkpoint_step is None:
     state = jax.jit(init_state, out_shardings=replicated)()
     if "init_from" in header:
       state = dict(state, params=jax.device_put(warm_params, replicated))
     start = 0
   else:
-    state, _ = ckpt.restore(abstract)
     start = int(state["step"])
     log(f"resumed from step {start} in {workdir}")
 
