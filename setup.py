@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8,<10"],
+        "tensorboard": ["tensorboard>=2.15,<3"],  # the viewer; runs write events without it
         "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.15,<3"],
         "gpu": ["jax[cuda12]>=0.6,<0.13"],
         "tpu": ["jax[tpu]>=0.6,<0.13"],

@@ -10,6 +10,7 @@ prints the privacy plan as one JSON object and touches no data and no device; --
 """
 
 import json
+import re
 import sys
 
 from absl import app
@@ -53,14 +54,60 @@ def check_config(config) -> None:
     plan_lib.get_field(config, field)
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_path() -> str:
+  """The --config value on the command line (before flags are parsed)."""
+  for i, arg in enumerate(sys.argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(sys.argv):
+      return sys.argv[i + 1]
+  return ""
+
+
+def _config_error(e: Exception) -> str:
+  """One line for a config file or override that fails to load."""
+  text = " ".join(str(e).replace("\\n", " ").split()).replace("\\'", "'")
+  if "No such file or directory" in text:
+    return f"--config={_config_path()}: no such file."
+  if isinstance(e, AttributeError) and "get_config" in text:
+    return f"--config={_config_path()} is not a config file (it has no get_config())."
+  typo = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+  if typo:
+    return f"the config has no field {typo[2]!r}; did you mean {typo[1]!r}?"
+  if isinstance(e, flags.Error):
+    return text
+  if isinstance(e, (KeyError, AttributeError)):
+    return f"the config has no field {text.strip(chr(34) + chr(39))!r}."
+  return f"the config cannot be loaded: {text}"
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with any error of a flag, a config file or an override in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  # whatever the config file raises
+    _fail(_config_error(e))
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # libraries' INFO logs would bury the progress lines
     logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.keys()  # a config file that failed to load raises here
+  except Exception as e:  # pylint: disable=broad-except  # a missing or broken config file
+    _fail(_config_error(e))
   try:
     check_config(config)
     if _MODE.value == "account":
+      if plan_lib.get_field(config, "privacy.noise_multiplier", None) is None:
+        print("calibrating the noise multiplier to the target epsilon...", file=sys.stderr)
       print(json.dumps(plan_lib.build_plan(config).summary(), indent=2))
       return
     if not _WORKDIR.value:
@@ -74,10 +121,9 @@ def main(argv):
       sys.exit(130)
   except (plan_lib.ConfigError, ledger_lib.ResumeError, lock_lib.LockedError,
           data_errors.TooManyBadRecords) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

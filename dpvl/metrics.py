@@ -1,5 +1,6 @@
 """A run's metrics: one JSON object per line in `metrics.jsonl`, and the same numbers as
-TensorBoard scalars under `tensorboard/` (`tensorboard --logdir=WORKDIR/tensorboard`)."""
+TensorBoard scalars under `tensorboard/` (view them with `pip install -e ".[tensorboard]"`, then
+`tensorboard --logdir=WORKDIR/tensorboard`)."""
 
 import json
 import numbers

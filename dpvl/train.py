@@ -97,6 +97,8 @@ def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
 def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Runs `config.evals` on the parameters of `workdir`'s checkpoint at `step` (default: the
   latest); appends the row (marked `"standalone": true`) to its metrics and returns it."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and do not create it
+    raise plan_lib.ConfigError(f"{workdir} holds no checkpoint.")
   try:
     objective = build_objective(config)
   except ValueError as e:
@@ -142,13 +144,30 @@ def _redacted(tree: dict) -> dict:
   return tree
 
 
-def _metrics_steps(workdir: str) -> int:
-  """The last training step that metrics.jsonl records (0 if none)."""
+def _check_workdir(workdir: str) -> None:
+  """ConfigError unless `workdir` is, or can be made, a writable directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise plan_lib.ConfigError(f"--workdir={workdir} is a file, not a directory.")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise plan_lib.ConfigError(f"--workdir={workdir} cannot be written ({existing} is not "
+                               "writable).")
+
+
+def _last_training_row(workdir: str) -> dict:
+  """The last training row of metrics.jsonl ({} if none)."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
-    return 0
+    return {}
   with open(path) as f:
-    return max((json.loads(line).get("step", 0) for line in f if line.strip()), default=0)
+    rows = [json.loads(line) for line in f if line.strip()]
+  return next((r for r in reversed(rows) if "loss" in r), {})
+
+
+def _duration(seconds: float) -> str:
+  return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
 
 
 def _spent_without_checkpoint(workdir: str, on_disk: dict | None, force_restart: bool,
@@ -156,7 +175,7 @@ def _spent_without_checkpoint(workdir: str, on_disk: dict | None, force_restart:
   """The ledger records of a workdir without a checkpoint: () if it spent nothing. Its spending
   is never forgotten: a restart is refused unless `force_restart`, which composes it."""
   if on_disk is None:
-    shown = _metrics_steps(workdir)
+    shown = _last_training_row(workdir).get("step", 0)
     if shown:
       raise ledger_lib.ResumeError(
           f"{workdir} has no checkpoint and no privacy.json, but its metrics.jsonl shows {shown} "
@@ -185,11 +204,15 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
   start over in a workdir whose ledger has spent steps but whose checkpoints are lost, with
   that spending composed into the new ledger.
   """
+  _check_workdir(workdir)
+  try:  # the data first: a wrong path or index fails here, before any slow step
+    source = sources.build_source(config.data)
+  except ValueError as e:
+    raise plan_lib.ConfigError(str(e)) from None
   plan = plan_lib.build_plan(config)
   try:
     objective = build_objective(config)
-    source = sources.build_source(config.data)
-  except ValueError as e:  # bad model, tokenizer or data fields: one sentence, no traceback
+  except ValueError as e:  # bad model or tokenizer fields: one sentence, no traceback
     raise plan_lib.ConfigError(str(e)) from None
   if len(source) != plan.dataset_size:
     raise plan_lib.ConfigError(
@@ -270,8 +293,9 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
     if records[-1].plan == plan.fingerprint():
       went_on = plan_lib.build_plan(config, [r.segment for r in records[:-1]], records[-1].start)
       if checkpoint_step >= went_on.steps:
+        spent = entry["epsilon_spent"]
         log(f"the run in {workdir} is complete ({entry['status']}, {entry['steps_done']} "
-            f"steps, epsilon {entry['epsilon_spent']}); nothing to do.")
+            f"steps, epsilon {'inf' if spent is None else f'{spent:.4g}'}); nothing to do.")
         ckpt.close()
         return entry
     if test_seed is not None and (secrets_lib.RunSecrets.from_test_seed(test_seed).run_id
@@ -347,7 +371,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
       f"mechanism={plan.mechanism} sensitivity={plan.sensitivity:.4g} "
       f"steps={plan.steps} capacity={plan.capacity} "
       f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
-      f"planned epsilon={ledger.summary['epsilon']}")
+      f"planned epsilon={ledger.summary['epsilon_planned']}")
 
   def fetch(step):
     selection = sampler.select(step)
@@ -359,7 +383,9 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
   # Each host loads only its share (the columns its devices hold): assemble the global batch.
   to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
   prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  t0 = time.time()
+  released = _last_training_row(workdir)  # rows of steps after `start` are replayed
+  t0 = time.time() - released.get("seconds", 0.0)  # `seconds` goes on across resumes
+  t_start = time.time()
   skipped_total, truncated_total, data_wait = {}, 0, 0.0
   pending = prefetcher.submit(fetch, start) if start < plan.steps else None
   if start == 0 < plan.steps:
@@ -411,10 +437,14 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
                  skipped=dict(skipped_total),
                  **{k: float(window[-1][k]) for k in ("clipped_fraction", "grad_norm_mean")
                     if k in window[-1]})
+      if done <= released.get("step", 0):
+        row["replayed"] = True  # its step was released before the resume
       window = []
       writer.write(row)
-      log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  epsilon "
-          f"{eps:.3f}  examples {row['examples']}  {row['seconds']:.1f}s")
+      per_step = (time.time() - t_start) / (done - start)
+      log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  epsilon {eps:.4g}  "
+          f"examples {row['examples']}  {row['seconds']:.1f}s  {per_step:.3g} s/step  "
+          f"ETA {_duration(per_step * (plan.steps - done))}")
     if checkpoint_due:
       save(done, "running")
     if evals_due:
@@ -443,7 +473,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
   if skipped_total:
     log(f"skipped records: {skipped_total}")
   entry = meta["ledger"]
-  log(f"done: {final} steps, epsilon {entry['epsilon_spent']} at delta {plan.delta:.3g} "
+  log(f"done: {final} steps, epsilon {ledger.epsilon():.4g} at delta {plan.delta:.3g} "
       f"({plan.accountant}); ledger {ledger.path}")
   sys.stdout.flush()
   return entry

@@ -150,7 +150,7 @@ def test_paper_config_accounts_without_data_or_device(mechanism):
   assert out.returncode == 0, out.stderr
   summary = json.loads(out.stdout)
   assert summary["mechanism"] == mechanism and summary["expected_batch_size"] == 32_768
-  assert 7 < summary["epsilon"] < 8
+  assert 7 < summary["epsilon_planned"] < 8
   assert summary["noise_std"] == pytest.approx(0.42 * summary["sensitivity"])
   if mechanism == "per_batch":
     assert summary["groups"] == 32 and summary["microbatch_size"] % 128 == 0

@@ -103,7 +103,7 @@ def tiny_config(**privacy):
 def test_plan_calibrates_and_sizes_the_padded_batch():
   plan = plan_lib.build_plan(tiny_config())
   summary = plan.summary()
-  assert summary["epsilon"] <= 4.0 and summary["epsilon"] > 3.9
+  assert summary["epsilon_planned"] <= 4.0 and summary["epsilon_planned"] > 3.9
   assert summary["delta"] == pytest.approx(1e-4)
   assert plan.capacity % 32 == 0 and plan.capacity >= 100
   # Truncation is negligible: its probability is tiny next to delta.
@@ -149,4 +149,4 @@ def test_missing_field_is_named():
 def test_non_private_plan():
   plan = plan_lib.build_plan(tiny_config(enabled=False))
   assert plan.noise_std == 0.0
-  assert plan.summary()["epsilon"] is None
+  assert plan.summary()["epsilon_planned"] is None

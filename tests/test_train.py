@@ -76,6 +76,11 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   logs = []
   train.run(config, str(tmp_path / "resumed"), log=logs.append)
   assert any("resumed from step 3" in line for line in logs)
+  # Step 4's row is written again, marked as a replay; `seconds` goes on from before the crash.
+  rows = _read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  assert [(r["step"], r.get("replayed", False)) for r in rows] == [
+      (2, False), (4, False), (4, True), (6, False)]
+  assert rows[2]["seconds"] >= rows[1]["seconds"]
   a, meta_a = _final_params(str(tmp_path / "straight"))
   b, meta_b = _final_params(str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -146,7 +151,7 @@ def test_account_mode_reproduces_the_dpcap_row():
   assert summary["steps"] == 5_708 and summary["expected_batch_size"] == 1_310_720
   assert summary["epsilon_rdp"] == pytest.approx(8.073, abs=1e-3)
   assert summary["epsilon_pld"] == pytest.approx(7.360, abs=1e-3)
-  assert summary["epsilon"] == summary["epsilon_pld"]
+  assert summary["epsilon_planned"] == summary["epsilon_pld"]
 
 
 @pytest.mark.parametrize("override, field", [
@@ -159,6 +164,35 @@ def test_cli_bad_config_fails_with_one_sentence(override, field):
   out = _cli("--config=configs/dpcap_tiny.py", "--mode=account", override)
   assert out.returncode == 2
   assert field in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=configs/nope.py"], "error: --config=configs/nope.py: no such file."),
+    (["--config=configs/evals.py"], "is not a config file"),
+    (["--config=configs/dpcap_tiny.py", "--config.privacy.target_epsilonn=3"],
+     "no field 'target_epsilonn'; did you mean 'target_epsilon'?"),
+])
+def test_cli_bad_config_file_or_override_fails_with_one_line(args, message):
+  out = _cli(*args, "--mode=account")
+  assert out.returncode == 2 and message in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_bad_workdir_and_data_path_fail_before_any_slow_step(tmp_path, monkeypatch):
+  def no_calibration(*_, **__):
+    raise AssertionError("the privacy plan was built before the cheap checks")
+  monkeypatch.setattr(plan_lib, "build_plan", no_calibration)
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(plan_lib.ConfigError, match="is a file, not a directory"):
+    train.run(small_dpcap_config(), str(tmp_path / "a_file"), log=lambda *_: None)
+  config = small_dpcap_config()
+  config.data.source = "array_record"
+  config.data.path = str(tmp_path / "missing")
+  with pytest.raises(plan_lib.ConfigError, match="missing"):
+    train.run(config, str(tmp_path / "run"), log=lambda *_: None)
+  with pytest.raises(plan_lib.ConfigError, match="holds no checkpoint"):
+    train.evaluate_checkpoint(small_dpcap_config(), str(tmp_path / "nowhere"))
+  assert not os.path.exists(tmp_path / "nowhere")
 
 
 def test_stage2_starts_from_stage1_weights_with_a_fresh_ledger(tmp_path):

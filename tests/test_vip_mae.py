@@ -144,6 +144,6 @@ def test_paper_config_accounts_like_the_paper():
   assert (summary["steps"], summary["expected_batch_size"], summary["clip_norm"]) == (
       6_000, 98_304, 0.1)
   assert summary["delta"] == pytest.approx(1 / (2 * 233_000_000))
-  assert summary["accountant"] == "rdp" and summary["epsilon"] == summary["epsilon_rdp"]
+  assert summary["accountant"] == "rdp" and summary["epsilon_planned"] == summary["epsilon_rdp"]
   assert summary["epsilon_rdp"] == pytest.approx(7.996, abs=1e-3)
   build_objective(config)  # the ViT-B/16 MAE builds from the config

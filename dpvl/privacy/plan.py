@@ -129,7 +129,7 @@ class PrivacyPlan:
         noise_std=self.noise_std,
         groups=self.groups,
         delta=self.delta,
-        epsilon=_finite_or_none(eps_pld if self.accountant == "pld" else eps_rdp),
+        epsilon_planned=_finite_or_none(eps_pld if self.accountant == "pld" else eps_rdp),
         epsilon_rdp=_finite_or_none(eps_rdp),
         epsilon_pld=_finite_or_none(eps_pld),
         target_epsilon=self.target_epsilon,
