@@ -247,6 +247,9 @@ def test_array_record_source_checks_its_directory(converted, tmp_path):
     sources.build_source(types_namespace(cfg))
   with pytest.raises(ValueError, match="data.crop"):
     arrayrecord.ArrayRecordSource(converted["out"], 16, crop="zoom")
+  (tmp_path / "index.json").write_text("{not json")
+  with pytest.raises(ValueError, match=f"{tmp_path / 'index.json'} is not valid JSON"):
+    arrayrecord.ArrayRecordSource(str(tmp_path), 16)
 
 
 def types_namespace(d):

@@ -32,7 +32,11 @@ def read_index(directory: str) -> dict:
   if not path.exists():
     raise ValueError(f"data.path={directory!r} has no {INDEX}; write one with "
                      "`python -m dpvl.data.convert --from=SHARDS --to=DIR`.")
-  return json.loads(path.read_text())
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); rewrite it with `python -m "
+                     "dpvl.data.convert`.") from None
 
 
 class ArrayRecordSource:
