@@ -109,7 +109,8 @@ def test_plan_calibrates_and_sizes_the_padded_batch():
   # Truncation is negligible: its probability is tiny next to delta.
   assert summary["truncation_probability"] <= 1e-3 * plan.delta / (1 + math.exp(4.0))
   for key in ("dataset_size", "expected_batch_size", "sampling_rate", "steps",
-              "noise_multiplier", "clip_norm", "delta", "epsilon", "epsilon_rdp", "epsilon_pld",
+              "noise_multiplier", "clip_norm", "delta", "epsilon_planned", "epsilon_rdp",
+              "epsilon_pld",
               "accountant", "sampling"):
     assert key in summary
   assert summary["epsilon_rdp"] > summary["epsilon_pld"]

@@ -41,7 +41,8 @@ def test_run_writes_ledger_metrics_config_and_checkpoint(tmp_path):
   assert ledger["epsilon_spent"] == pytest.approx(plan.epsilon(6))
   assert entry["epsilon_spent"] == ledger["epsilon_spent"]
   for key in ("dataset_size", "expected_batch_size", "sampling_rate", "steps",
-              "noise_multiplier", "clip_norm", "delta", "epsilon", "epsilon_rdp", "epsilon_pld",
+              "noise_multiplier", "clip_norm", "delta", "epsilon_planned", "epsilon_rdp",
+              "epsilon_pld",
               "accountant", "sampling"):
     assert key in ledger
   rows = _read_jsonl(tmp_path / "metrics.jsonl")

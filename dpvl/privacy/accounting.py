@@ -145,6 +145,11 @@ def _pld_epsilon_fn(segments: Sequence[Segment]):
 
 def epsilon(accountant: str, segments: Sequence[Segment], delta: float) -> float:
   """Epsilon of the run by the named accountant ("pld" or "rdp"), truncation paid in delta."""
+  return _epsilon(accountant, tuple(segments), delta)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function: the ledger and the plan ask again
+def _epsilon(accountant: str, segments: tuple[Segment, ...], delta: float) -> float:
   if accountant not in ACCOUNTANTS:
     raise ValueError(
         f"privacy.accountant={accountant!r} is unknown; choose one of {ACCOUNTANTS}.")

@@ -241,7 +241,6 @@ class Ledger:
     self.computation = computation
     self.header = header
     self.summary = plan.summary()
-    self._epsilons = {}
 
   @property
   def step(self) -> int:
@@ -261,12 +260,8 @@ class Ledger:
     """Epsilon spent by every released step (the plan's accountant unless named)."""
     if not self.plan.enabled:
       return math.inf
-    accountant = accountant or self.plan.accountant
-    segments = tuple(r.segment for r in self.records())
-    if (accountant, segments) not in self._epsilons:
-      self._epsilons[(accountant, segments)] = accounting.epsilon(accountant, segments,
-                                                                  self.plan.delta)
-    return self._epsilons[(accountant, segments)]
+    return accounting.epsilon(accountant or self.plan.accountant,
+                              [r.segment for r in self.records()], self.plan.delta)
 
   def entry(self, status: str) -> dict:
     spent = {f"epsilon_spent_{a}": _none_if_inf(self.epsilon(a)) for a in accounting.ACCOUNTANTS}
