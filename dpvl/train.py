@@ -317,7 +317,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
           f"config or the platform changed ({', '.join(changes) or 'code or platform'}); "
           "its sampling and noise are fresh"
           + (f", and steps {checkpoint_step + 1}..{last.end}, released before, stay in the "
-             "ledger." if last.end > checkpoint_step else "."))
+             "ledger." if resumed.abandoned() else "."))
 
   jsonfile.write_atomic(config_path, _redacted(ledger_lib.config_tree(config)))
   header["data"] = provenance.data_provenance(config.data)
