@@ -278,7 +278,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
     init_from = plan_lib.get_field(config, "init_from", None)
     if init_from:  # checked before anything is written
       warm_params, header["init_from"] = provenance.load_warm_start(
-          init_from, jax.eval_shape(objective.init, jax.random.key(0)), config.data)
+          init_from, abstract["params"], config.data)
       log(f"parameters from {init_from} (stage 1: non-private, on public "
           f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
   else:

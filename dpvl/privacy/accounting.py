@@ -116,6 +116,11 @@ def run_truncation_probability(segments: Sequence[Segment]) -> float:
       for s in segments if s.capacity is not None))
 
 
+def finite_or_none(x: float) -> float | None:
+  """An epsilon as JSON holds it: None for infinity (a non-private run)."""
+  return x if math.isfinite(x) else None
+
+
 _PLD_DISCRETIZATION = 1e-4  # PLDAccountant's default value discretization interval
 
 

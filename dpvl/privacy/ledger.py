@@ -223,10 +223,6 @@ def latest(checkpointed: dict, on_disk: dict | None) -> dict:
   return on_disk if accounted_steps(on_disk) >= accounted_steps(checkpointed) else checkpointed
 
 
-def _none_if_inf(x: float):
-  return x if math.isfinite(x) else None
-
-
 class Ledger:
   """privacy.json: the plan, the segments and the epsilon they spend, always on disk."""
 
@@ -264,7 +260,8 @@ class Ledger:
                               [r.segment for r in self.records()], self.plan.delta)
 
   def entry(self, status: str) -> dict:
-    spent = {f"epsilon_spent_{a}": _none_if_inf(self.epsilon(a)) for a in accounting.ACCOUNTANTS}
+    spent = {f"epsilon_spent_{a}": accounting.finite_or_none(self.epsilon(a))
+             for a in accounting.ACCOUNTANTS}
     records = self.records()
     return dict(self.summary, **self.header, steps_done=self.step,
                 steps_accounted=sum(r.segment.steps for r in records), status=status,

@@ -129,9 +129,9 @@ class PrivacyPlan:
         noise_std=self.noise_std,
         groups=self.groups,
         delta=self.delta,
-        epsilon_planned=_finite_or_none(eps_pld if self.accountant == "pld" else eps_rdp),
-        epsilon_rdp=_finite_or_none(eps_rdp),
-        epsilon_pld=_finite_or_none(eps_pld),
+        epsilon_planned=accounting.finite_or_none(eps_pld if self.accountant == "pld" else eps_rdp),
+        epsilon_rdp=accounting.finite_or_none(eps_rdp),
+        epsilon_pld=accounting.finite_or_none(eps_pld),
         target_epsilon=self.target_epsilon,
         accountant=self.accountant,
         sampling=self.sampling,
@@ -143,10 +143,6 @@ class PrivacyPlan:
             self.dataset_size, self.sampling_rate, self.capacity, self.steps - self.start,
             self.groups),
     )
-
-
-def _finite_or_none(x: float) -> float | None:
-  return x if math.isfinite(x) else None
 
 
 def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) -> PrivacyPlan:
