@@ -10,6 +10,7 @@ Workdir layout:
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -290,6 +291,13 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
     entry = ledger_lib.latest(meta["ledger"], on_disk)
     header = {k: entry[k] for k in ledger_lib.HEADER_FIELDS if k in entry}
     records = ledger_lib.records_of(entry)
+    shown = _last_training_row(workdir).get("step", 0)
+    if shown > records[-1].end:  # privacy.json lost or behind: the metrics show what was released
+      log(f"metrics.jsonl shows step {shown}, after the ledger's step {records[-1].end}: the "
+          "ledger counts up to it.")
+      last = records[-1]
+      records[-1] = dataclasses.replace(
+          last, segment=last.segment.replace(steps=shown - last.start))
     if records[-1].plan == plan.fingerprint():
       went_on = plan_lib.build_plan(config, [r.segment for r in records[:-1]], records[-1].start)
       if checkpoint_step >= went_on.steps:
