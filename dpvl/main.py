@@ -18,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dpvl import config as config_lib
 from dpvl import lock as lock_lib
 from dpvl import objectives
 from dpvl import train
@@ -40,18 +41,18 @@ _RESTART = flags.DEFINE_bool(
 
 def check_config(config) -> None:
   """Checks the parts of the config that the privacy plan does not; raises ConfigError."""
-  name = plan_lib.get_field(config, "objective")
+  name = config_lib.get_field(config, "objective")
   if name not in objectives.REGISTRY:
-    raise plan_lib.ConfigError(f"config.objective={name!r} is unknown; choose one of "
+    raise config_lib.ConfigError(f"config.objective={name!r} is unknown; choose one of "
                                f"{sorted(objectives.REGISTRY)}.")
-  source = plan_lib.get_field(config, "data.source")
+  source = config_lib.get_field(config, "data.source")
   if source not in sources.REGISTRY:
-    raise plan_lib.ConfigError(f"config.data.source={source!r} is unknown; choose one of "
+    raise config_lib.ConfigError(f"config.data.source={source!r} is unknown; choose one of "
                                f"{sorted(sources.REGISTRY)}.")
   for field in ("seed", "log_every", "checkpoint_every", "optimizer.learning_rate",
                 "optimizer.warmup_steps", "optimizer.b1", "optimizer.b2",
                 "optimizer.weight_decay"):
-    plan_lib.get_field(config, field)
+    config_lib.get_field(config, field)
 
 
 def _fail(message: str):
@@ -106,12 +107,12 @@ def main(argv):
   try:
     check_config(config)
     if _MODE.value == "account":
-      if plan_lib.get_field(config, "privacy.noise_multiplier", None) is None:
+      if config_lib.get_field(config, "privacy.noise_multiplier", None) is None:
         print("calibrating the noise multiplier to the target epsilon...", file=sys.stderr)
       print(json.dumps(plan_lib.build_plan(config).summary(), indent=2))
       return
     if not _WORKDIR.value:
-      raise plan_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}.")
+      raise config_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}.")
     if _MODE.value == "eval":
       print(json.dumps(train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
       return
@@ -119,7 +120,7 @@ def main(argv):
                       force_restart=_RESTART.value)
     if entry["status"] == "interrupted":
       sys.exit(130)
-  except (plan_lib.ConfigError, ledger_lib.ResumeError, lock_lib.LockedError,
+  except (config_lib.ConfigError, ledger_lib.ResumeError, lock_lib.LockedError,
           data_errors.TooManyBadRecords) as e:
     _fail(str(e))
 

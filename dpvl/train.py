@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import evaluate
 from dpvl import jsonfile
@@ -58,17 +59,17 @@ def gradient_fn(objective, plan: plan_lib.PrivacyPlan, pair_norms: str = "exact"
   -> (gradient estimate, metrics). `pair_norms` is Logit-DP's speed/memory knob."""
   if plan.mechanism == "per_example":
     if objective.per_example_loss is None:
-      raise plan_lib.ConfigError(
+      raise config_lib.ConfigError(
           f"objective {objective.name!r} has a batch-coupled loss that per-example clipping "
           f"does not make private; set config.privacy.mechanism to one of "
           f"{contrastive.MECHANISMS}.")
     return functools.partial(dpsgd.private_gradient, objective.per_example_loss)
   if objective.dual_encoder is None:
-    raise plan_lib.ConfigError(
+    raise config_lib.ConfigError(
         f"config.privacy.mechanism={plan.mechanism!r} is for contrastive objectives; objective "
         f"{objective.name!r} has a per-example loss: use 'per_example'.")
   if pair_norms not in contrastive.PAIR_NORMS:
-    raise plan_lib.ConfigError(f"config.privacy.pair_norms={pair_norms!r} is unknown; choose "
+    raise config_lib.ConfigError(f"config.privacy.pair_norms={pair_norms!r} is unknown; choose "
                                f"one of {contrastive.PAIR_NORMS}.")
   return functools.partial(contrastive.GRADIENTS[plan.mechanism], objective.dual_encoder,
                            pair_norms_how=pair_norms)
@@ -99,23 +100,23 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   """Runs `config.evals` on the parameters of `workdir`'s checkpoint at `step` (default: the
   latest); appends the row (marked `"standalone": true`) to its metrics and returns it."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and do not create it
-    raise plan_lib.ConfigError(f"{workdir} holds no checkpoint.")
+    raise config_lib.ConfigError(f"{workdir} holds no checkpoint.")
   try:
     objective = build_objective(config)
   except ValueError as e:
-    raise plan_lib.ConfigError(str(e)) from None
+    raise config_lib.ConfigError(str(e)) from None
   evaluators = evaluate.build_evaluators(config, objective)
   if not evaluators:
-    raise plan_lib.ConfigError("config.evals names no evaluator.")
+    raise config_lib.ConfigError("config.evals names no evaluator.")
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.latest_step() if step is None else step
   if step is None or step not in ckpt.all_steps():
-    raise plan_lib.ConfigError(f"{workdir} holds no checkpoint"
+    raise config_lib.ConfigError(f"{workdir} holds no checkpoint"
                                + ("" if step is None else f" at step {step}") + ".")
   params = ckpt.restore_state_arrays(step)["params"]
   ckpt.close()
   if not provenance.same_model(params, jax.eval_shape(objective.init, jax.random.key(0))):
-    raise plan_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "
+    raise config_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "
                                "config.model.")
   row = dict(step=step, standalone=True)
   for evaluator in evaluators:
@@ -148,12 +149,12 @@ def _redacted(tree: dict) -> dict:
 def _check_workdir(workdir: str) -> None:
   """ConfigError unless `workdir` is, or can be made, a writable directory."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise plan_lib.ConfigError(f"--workdir={workdir} is a file, not a directory.")
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory.")
   existing = os.path.abspath(workdir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise plan_lib.ConfigError(f"--workdir={workdir} cannot be written ({existing} is not "
+    raise config_lib.ConfigError(f"--workdir={workdir} cannot be written ({existing} is not "
                                "writable).")
 
 
@@ -209,27 +210,27 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
   try:  # the data first: a wrong path or index fails here, before any slow step
     source = sources.build_source(config.data)
   except ValueError as e:
-    raise plan_lib.ConfigError(str(e)) from None
+    raise config_lib.ConfigError(str(e)) from None
   plan = plan_lib.build_plan(config)
   try:
     objective = build_objective(config)
   except ValueError as e:  # bad model or tokenizer fields: one sentence, no traceback
-    raise plan_lib.ConfigError(str(e)) from None
+    raise config_lib.ConfigError(str(e)) from None
   if len(source) != plan.dataset_size:
-    raise plan_lib.ConfigError(
+    raise config_lib.ConfigError(
         f"config.data.size={plan.dataset_size} but the source holds {len(source)} records.")
-  gradient = gradient_fn(objective, plan, plan_lib.get_field(config, "privacy.pair_norms",
+  gradient = gradient_fn(objective, plan, config_lib.get_field(config, "privacy.pair_norms",
                                                              "exact"))
   mesh = _mesh()
   if plan.microbatch_size % mesh.size:
-    raise plan_lib.ConfigError(
+    raise config_lib.ConfigError(
         f"config.batch.microbatch_size={plan.microbatch_size} must be divisible by the "
         f"{mesh.size} devices of the data axis.")
   evaluators = evaluate.build_evaluators(config, objective)  # loads their data: after the checks
 
-  max_skip = float(plan_lib.get_field(config, "data.max_skip_fraction", 0.05))
+  max_skip = float(config_lib.get_field(config, "data.max_skip_fraction", 0.05))
   if not 0 <= max_skip <= 1:
-    raise plan_lib.ConfigError(f"config.data.max_skip_fraction must be in [0, 1], got "
+    raise config_lib.ConfigError(f"config.data.max_skip_fraction must be in [0, 1], got "
                                f"{max_skip}.")
   os.makedirs(workdir, exist_ok=True)
   with lock_lib.WorkdirLock(workdir, log), stopping.StopRequests(log) as stop:
@@ -257,7 +258,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
   ledger_path = os.path.join(workdir, "privacy.json")
   config_path = os.path.join(workdir, "config.json")
   computation = ledger_lib.computation_fingerprint(config)
-  test_seed = plan_lib.get_field(config, "privacy.seed", None)
+  test_seed = config_lib.get_field(config, "privacy.seed", None)
   intact = ckpt.newest_intact(abstract, os.path.join(workdir, "unrestorable_checkpoints"), log)
   checkpoint_step = None if intact is None else intact[0]
   on_disk = ledger_lib.read(ledger_path)
@@ -276,7 +277,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
     if earlier:
       header["earlier_runs"] = [on_disk.get("run_id"), *on_disk.get("earlier_runs", [])]
       plan = plan_lib.build_plan(config, [r.segment for r in earlier])
-    init_from = plan_lib.get_field(config, "init_from", None)
+    init_from = config_lib.get_field(config, "init_from", None)
     if init_from:  # checked before anything is written
       warm_params, header["init_from"] = provenance.load_warm_start(
           init_from, abstract["params"], config.data)
@@ -355,7 +356,7 @@ def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
   example_key = jax.random.key(config.seed)
   loader = loader_lib.BatchLoader(source, objective.prepare, objective.example_spec,
                                   plan.num_microbatches, plan.microbatch_size,
-                                  processes=plan_lib.get_field(config, "data.workers", 0),
+                                  processes=config_lib.get_field(config, "data.workers", 0),
                                   host=jax.process_index(), num_hosts=jax.process_count())
   train_step = jax.jit(make_train_step(gradient, optimizer, plan), donate_argnums=0)
 

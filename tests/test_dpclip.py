@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import small_dpclip_config
+from dpvl import config as config_lib
 from dpvl import train
 from dpvl.data import sources
 from dpvl.evaluate import retrieval
@@ -129,7 +130,7 @@ def test_mechanism_must_fit_the_objective(tmp_path, objective_name, mechanism):
             else small_dpcap_config(mechanism=mechanism))
   if objective_name == "dpcap":
     config.model.temperature = 0.5
-  with pytest.raises(plan_lib.ConfigError, match="mechanism"):
+  with pytest.raises(config_lib.ConfigError, match="mechanism"):
     train.run(config, str(tmp_path), log=lambda *_: None)
 
 

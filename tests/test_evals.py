@@ -16,6 +16,7 @@ from tensorboardX.proto import event_pb2
 
 from configs import evals as eval_configs
 from configs import vip_tiny
+from dpvl import config as config_lib
 from dpvl import evaluate
 from dpvl import train
 from dpvl.data import synthetic
@@ -111,7 +112,7 @@ def test_probe_resizes_other_image_sizes_and_counts_bad_records():
 def test_bad_eval_configs_name_the_field(field, value, named):
   config = small_vip_config(probe=eval_configs.scene_probe("label", blocks=1))
   _override(config.evals.probe, {field: value})
-  with pytest.raises(plan_lib.ConfigError, match=named.replace(".", r"\.")):
+  with pytest.raises(config_lib.ConfigError, match=named.replace(".", r"\.")):
     evaluate.build_evaluators(config, build_objective(config))
 
 

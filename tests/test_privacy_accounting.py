@@ -8,6 +8,7 @@ from dp_accounting import rdp
 import ml_collections
 import pytest
 
+from dpvl import config as config_lib
 from dpvl.privacy import accounting
 from dpvl.privacy import plan as plan_lib
 
@@ -136,14 +137,14 @@ def test_bad_configs_fail_with_the_field_named(change, field):
   config = tiny_config()
   config.update_from_flattened_dict(
       {f"{k}.{kk}": vv for k, v in change.items() for kk, vv in v.items()})
-  with pytest.raises(plan_lib.ConfigError, match=field.replace(".", r"\.")):
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
     plan_lib.build_plan(config)
 
 
 def test_missing_field_is_named():
   config = tiny_config()
   del config.privacy["clip_norm"]
-  with pytest.raises(plan_lib.ConfigError, match=r"config\.privacy\.clip_norm is missing"):
+  with pytest.raises(config_lib.ConfigError, match=r"config\.privacy\.clip_norm is missing"):
     plan_lib.build_plan(config)
 
 

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import provenance
@@ -47,7 +48,7 @@ def _load(workdir, data=PRIVATE_DATA, abstract=ABSTRACT):
 
 
 def _refused(workdir, *fragments, data=PRIVATE_DATA, abstract=ABSTRACT):
-  with pytest.raises(plan_lib.ConfigError) as e:
+  with pytest.raises(config_lib.ConfigError) as e:
     _load(workdir, data, abstract)
   message = str(e.value)
   assert f"config.init_from={workdir!r}" in message and message.count(". ") == 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import small_dpcap_config
+from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import train
 from dpvl.privacy import ledger as ledger_lib
@@ -184,14 +185,14 @@ def test_bad_workdir_and_data_path_fail_before_any_slow_step(tmp_path, monkeypat
     raise AssertionError("the privacy plan was built before the cheap checks")
   monkeypatch.setattr(plan_lib, "build_plan", no_calibration)
   (tmp_path / "a_file").write_text("")
-  with pytest.raises(plan_lib.ConfigError, match="is a file, not a directory"):
+  with pytest.raises(config_lib.ConfigError, match="is a file, not a directory"):
     train.run(small_dpcap_config(), str(tmp_path / "a_file"), log=lambda *_: None)
   config = small_dpcap_config()
   config.data.source = "array_record"
   config.data.path = str(tmp_path / "missing")
-  with pytest.raises(plan_lib.ConfigError, match="missing"):
+  with pytest.raises(config_lib.ConfigError, match="missing"):
     train.run(config, str(tmp_path / "run"), log=lambda *_: None)
-  with pytest.raises(plan_lib.ConfigError, match="holds no checkpoint"):
+  with pytest.raises(config_lib.ConfigError, match="holds no checkpoint"):
     train.evaluate_checkpoint(small_dpcap_config(), str(tmp_path / "nowhere"))
   assert not os.path.exists(tmp_path / "nowhere")
 
@@ -226,5 +227,5 @@ def test_stage2_starts_from_stage1_weights_with_a_fresh_ledger(tmp_path):
   # A private run cannot serve as a warm start (its budget would be forgotten).
   stage3 = small_dpcap_config()
   stage3.init_from = str(tmp_path / "stage2")
-  with pytest.raises(plan_lib.ConfigError, match="trained with DP"):
+  with pytest.raises(config_lib.ConfigError, match="trained with DP"):
     train.run(stage3, str(tmp_path / "stage3"), log=lambda *_: None)

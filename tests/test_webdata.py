@@ -13,6 +13,7 @@ import pytest
 
 import webdata_fixtures as wf
 from conftest import small_dpcap_config
+from dpvl import config as config_lib
 from dpvl import train
 from dpvl.data import arrayrecord
 from dpvl.data import convert
@@ -315,7 +316,7 @@ def test_dp_training_on_converted_array_records(converted, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert rows[-1]["skipped"] == {} and rows[-1]["examples"] > 0  # bad ones were converted out
   config.data.size = 120
-  with pytest.raises(plan_lib.ConfigError, match="114"):
+  with pytest.raises(config_lib.ConfigError, match="114"):
     train.run(config, str(tmp_path / "wrong_size"), log=lambda *_: None)
 
 
@@ -349,10 +350,10 @@ def test_warm_start_only_from_public_data(shards, tmp_path):
 
   on_shards = _web_config("webdataset", shards["spec"], 118)
   on_shards.init_from = str(tmp_path / "on_private")
-  with pytest.raises(plan_lib.ConfigError, match="which is private"):
+  with pytest.raises(config_lib.ConfigError, match="which is private"):
     train.run(on_shards, str(tmp_path / "refused"), log=lambda *_: None)
   on_shards.init_from = str(tmp_path / "declared")
-  with pytest.raises(plan_lib.ConfigError, match="the data this run trains on privately"):
+  with pytest.raises(config_lib.ConfigError, match="the data this run trains on privately"):
     train.run(on_shards, str(tmp_path / "refused_too"), log=lambda *_: None)
   assert not os.path.exists(tmp_path / "refused" / "privacy.json")
   assert not os.path.exists(tmp_path / "refused" / "config.json")

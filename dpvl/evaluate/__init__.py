@@ -9,8 +9,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from dpvl.privacy.plan import ConfigError
-from dpvl.privacy.plan import get_field
+from dpvl.config import ConfigError
+from dpvl.config import get_field
 
 REGISTRY = {
     "linear_probe": "dpvl.evaluate.linear_probe",

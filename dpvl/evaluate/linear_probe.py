@@ -26,8 +26,8 @@ import optax
 
 from dpvl.data import sources
 from dpvl.data import transforms
-from dpvl.privacy.plan import ConfigError
-from dpvl.privacy.plan import get_field
+from dpvl.config import ConfigError
+from dpvl.config import get_field
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,9 @@ Poisson batch is negligible, and reports epsilon by both accountants.
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
+from dpvl import config as config_lib
 from dpvl.privacy import accounting
 from dpvl.privacy import contrastive
 
@@ -16,28 +17,6 @@ SAMPLINGS = ("poisson",)
 # per_example: DP-SGD on a per-example loss; the others are for batch-coupled contrastive
 # losses (`dpvl.privacy.contrastive`).
 MECHANISMS = ("per_example", *contrastive.MECHANISMS)
-
-
-class ConfigError(ValueError):
-  """A config that cannot describe a valid private run; the message names the field."""
-
-
-def get_field(config, dotted: str, default: Any = ...) -> Any:
-  """`config.<dotted>`, or a ConfigError naming the missing field (unless a default is given)."""
-  node = config
-  for part in dotted.split("."):
-    try:
-      node = node[part]
-    except (KeyError, AttributeError, TypeError):
-      if default is not ...:
-        return default
-      raise ConfigError(f"config.{dotted} is missing.") from None
-  return node
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,58 +130,58 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
 
   Raises ConfigError with one sentence naming the field for any config that cannot run.
   """
-  n = get_field(config, "data.size")
-  _check(isinstance(n, int) and n > 0, f"config.data.size must be a positive integer, got {n!r}.")
-  steps = get_field(config, "steps")
-  _check(isinstance(steps, int) and steps > 0,
+  n = config_lib.get_field(config, "data.size")
+  config_lib.check(isinstance(n, int) and n > 0, f"config.data.size must be a positive integer, got {n!r}.")
+  steps = config_lib.get_field(config, "steps")
+  config_lib.check(isinstance(steps, int) and steps > 0,
          f"config.steps must be a positive integer, got {steps!r}.")
-  _check(start < steps, f"config.steps={steps} are already done.")
-  batch = get_field(config, "batch.expected_size")
-  _check(isinstance(batch, int) and batch > 0,
+  config_lib.check(start < steps, f"config.steps={steps} are already done.")
+  batch = config_lib.get_field(config, "batch.expected_size")
+  config_lib.check(isinstance(batch, int) and batch > 0,
          f"config.batch.expected_size must be a positive integer, got {batch!r}.")
-  _check(batch <= n, f"config.batch.expected_size={batch} is larger than the dataset "
+  config_lib.check(batch <= n, f"config.batch.expected_size={batch} is larger than the dataset "
          f"(config.data.size={n}).")
-  micro = get_field(config, "batch.microbatch_size")
-  _check(isinstance(micro, int) and micro > 0,
+  micro = config_lib.get_field(config, "batch.microbatch_size")
+  config_lib.check(isinstance(micro, int) and micro > 0,
          f"config.batch.microbatch_size must be a positive integer, got {micro!r}.")
 
-  enabled = bool(get_field(config, "privacy.enabled"))
-  sampling = get_field(config, "privacy.sampling")
-  _check(sampling in SAMPLINGS,
+  enabled = bool(config_lib.get_field(config, "privacy.enabled"))
+  sampling = config_lib.get_field(config, "privacy.sampling")
+  config_lib.check(sampling in SAMPLINGS,
          f"config.privacy.sampling={sampling!r} is unknown; choose one of {SAMPLINGS}.")
-  accountant = get_field(config, "privacy.accountant")
-  _check(accountant in accounting.ACCOUNTANTS, f"config.privacy.accountant={accountant!r} is "
+  accountant = config_lib.get_field(config, "privacy.accountant")
+  config_lib.check(accountant in accounting.ACCOUNTANTS, f"config.privacy.accountant={accountant!r} is "
          f"unknown; choose one of {accounting.ACCOUNTANTS}.")
-  clip_norm = float(get_field(config, "privacy.clip_norm"))
-  _check(clip_norm > 0 and math.isfinite(clip_norm),
+  clip_norm = float(config_lib.get_field(config, "privacy.clip_norm"))
+  config_lib.check(clip_norm > 0 and math.isfinite(clip_norm),
          f"config.privacy.clip_norm must be positive and finite, got {clip_norm}.")
-  delta = get_field(config, "privacy.delta")
+  delta = config_lib.get_field(config, "privacy.delta")
   delta = 1.0 / n if delta is None else float(delta)
   # delta = 1/N is the papers' convention and is allowed; anything larger is refused.
-  _check(0 < delta <= (1.0 / n) * (1 + 1e-9), f"config.privacy.delta={delta:.3g} must be in "
+  config_lib.check(0 < delta <= (1.0 / n) * (1 + 1e-9), f"config.privacy.delta={delta:.3g} must be in "
          f"(0, 1/N] with N={n} (1/N={1.0 / n:.3g}); larger deltas allow leaking a record.")
-  target = get_field(config, "privacy.target_epsilon")
+  target = config_lib.get_field(config, "privacy.target_epsilon")
   target = None if target is None else float(target)
-  _check(target is None or target > 0,
+  config_lib.check(target is None or target > 0,
          f"config.privacy.target_epsilon must be positive, got {target}.")
-  sigma = get_field(config, "privacy.noise_multiplier")
+  sigma = config_lib.get_field(config, "privacy.noise_multiplier")
   sigma = None if sigma is None else float(sigma)
-  tolerance = float(get_field(config, "privacy.truncation_tolerance"))
-  _check(0 < tolerance < 1,
+  tolerance = float(config_lib.get_field(config, "privacy.truncation_tolerance"))
+  config_lib.check(0 < tolerance < 1,
          f"config.privacy.truncation_tolerance must be in (0, 1), got {tolerance}.")
   q = batch / n
-  mechanism = get_field(config, "privacy.mechanism", "per_example")
-  _check(mechanism in MECHANISMS,
+  mechanism = config_lib.get_field(config, "privacy.mechanism", "per_example")
+  config_lib.check(mechanism in MECHANISMS,
          f"config.privacy.mechanism={mechanism!r} is unknown; choose one of {MECHANISMS}.")
   groups = 1
   if mechanism == "per_batch":
-    group_size = get_field(config, "privacy.group_size")
-    _check(isinstance(group_size, int) and group_size > 1,
+    group_size = config_lib.get_field(config, "privacy.group_size")
+    config_lib.check(isinstance(group_size, int) and group_size > 1,
            f"config.privacy.group_size must be an integer > 1, got {group_size!r}.")
     groups = max(1, round(batch / group_size))
   # per_batch: a group's slots are rounded up to a multiple of this (the data axis' size).
-  multiple = get_field(config, "batch.slot_multiple", 8)
-  _check(isinstance(multiple, int) and multiple > 0,
+  multiple = config_lib.get_field(config, "batch.slot_multiple", 8)
+  config_lib.check(isinstance(multiple, int) and multiple > 0,
          f"config.batch.slot_multiple must be a positive integer, got {multiple!r}.")
 
   def layout(max_p):
@@ -221,14 +200,14 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
         num_microbatches=num_micro, target_epsilon=None, truncation_tolerance=1e-6,
         mechanism=mechanism, groups=groups, done=tuple(done), start=start)
 
-  _check(sigma is not None or target is not None, "config.privacy.noise_multiplier or "
+  config_lib.check(sigma is not None or target is not None, "config.privacy.noise_multiplier or "
          "config.privacy.target_epsilon must be set for a private run.")
-  _check(sigma is None or sigma > 0,
+  config_lib.check(sigma is None or sigma > 0,
          f"config.privacy.noise_multiplier must be positive, got {sigma}.")
   temperature = None
   if mechanism == "logit_dp":
-    temperature = get_field(config, "model.temperature")
-    _check(isinstance(temperature, (int, float)) and temperature > 0,
+    temperature = config_lib.get_field(config, "model.temperature")
+    config_lib.check(isinstance(temperature, (int, float)) and temperature > 0,
            f"config.model.temperature must be positive, got {temperature!r}.")
   untruncated = accounting.Segment(n, q, sigma or 0.0, steps)
   if sigma is None:
@@ -236,7 +215,7 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
       sigma = accounting.calibrate_noise_multiplier(
           accountant, untruncated, target_epsilon=target, delta=delta)
     except ValueError as e:
-      raise ConfigError(str(e)) from None
+      raise config_lib.ConfigError(str(e)) from None
     eps_ref = target
   else:
     eps_ref = accounting.epsilon(accountant, [untruncated], delta)
@@ -264,7 +243,7 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
     # calibrated this is all of them, unless truncation cost more than calibration allowed for.
     steps_ok = accounting.max_steps_within(accountant, done, plan.segment(steps - start),
                                            target_epsilon=target, delta=delta)
-    _check(steps_ok > 0, f"config.privacy.target_epsilon={target} is unreachable: the next "
+    config_lib.check(steps_ok > 0, f"config.privacy.target_epsilon={target} is unreachable: the next "
            "step at this noise multiplier would already spend more.")
     plan = dataclasses.replace(plan, steps=start + steps_ok)
   return dataclasses.replace(plan, done=tuple(done), start=start)

@@ -14,9 +14,9 @@ import os
 import jax
 from etils import epath
 
+from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
 from dpvl.data import sources
-from dpvl.privacy import plan as plan_lib
 
 PUBLIC_BY_CONSTRUCTION = sources.PUBLIC_BY_CONSTRUCTION
 # The fields of config.data that say which data a run read (with `source`).
@@ -27,7 +27,7 @@ _LOCATIONS = ("path", "data_dir")  # recorded as absolute paths (URLs kept as th
 def data_provenance(data_cfg) -> dict:
   """JSON record of the data a run trains on: `source`, the identifying fields it sets, and
   `public`: "by_construction", "declared" (`data.public = True`) or None (private)."""
-  field = lambda name, default=None: plan_lib.get_field(data_cfg, name, default)
+  field = lambda name, default=None: config_lib.get_field(data_cfg, name, default)
   record = dict(source=field("source"))
   for name in IDENTIFYING:
     value = field(name)
@@ -65,11 +65,11 @@ def load_warm_start(workdir: str, abstract_params, data_cfg):
   where = f"config.init_from={workdir!r}"
   directory = os.path.join(workdir, "checkpoints")
   if not epath.Path(directory).exists():
-    raise plan_lib.ConfigError(f"{where} holds no checkpoint.")
+    raise config_lib.ConfigError(f"{where} holds no checkpoint.")
   ckpt = checkpoint_lib.Checkpointer(directory)
   try:
     if ckpt.latest_step() is None:
-      raise plan_lib.ConfigError(f"{where} holds no checkpoint.")
+      raise config_lib.ConfigError(f"{where} holds no checkpoint.")
     meta = ckpt.restore_meta()
     ledger = meta.get("ledger") or {}
     recorded = lambda key: meta.get(key, ledger.get(key))  # in the meta or in its ledger
@@ -88,7 +88,7 @@ def load_warm_start(workdir: str, abstract_params, data_cfg):
   finally:
     ckpt.close()
   if not same_model(params, abstract_params):
-    raise plan_lib.ConfigError(f"{where} has parameters of another model than config.model.")
+    raise config_lib.ConfigError(f"{where} has parameters of another model than config.model.")
   return params, dict(stage1, chain=chain)
 
 
@@ -124,7 +124,7 @@ def _check(link: dict, this_data: dict, subject: str, epsilon=None, dp_steps=Non
     fix = "train stage 1 on other, truly public data, or drop config.init_from"
   else:
     return
-  raise plan_lib.ConfigError(f"{subject}{reason}; {fix}.")
+  raise config_lib.ConfigError(f"{subject}{reason}; {fix}.")
 
 
 def _describe(data: dict) -> str:
