@@ -11,36 +11,26 @@ BERT-uncased word pieces. The paper starts from a synthetic (non-private) warm s
 
 import ml_collections
 
-from configs import dpcap_tiny
+from configs import common
+from configs import evals
 from configs import laion
 
 
 def get_config():
-  c = dpcap_tiny.get_config()
-  c.steps = 5_708
-
+  c = common.run("dpcap", steps=5_708)
   c.data = laion.laion233m_data()
+  c.tokenizer = common.bert_tokenizer(max_len=40)
 
-  c.tokenizer.type = "wordpiece"
-  c.tokenizer.vocab_file = "vocab/bert-base-uncased.txt"  # public BERT vocabulary (30,522)
-  c.tokenizer.max_len = 40
+  c.model = ml_collections.ConfigDict(dict(
+      dtype="bfloat16",
+      encoder=laion.vit_b16(qkv_bias=False),
+      decoder=dict(width=768, depth=6, num_heads=12, mlp_dim=3072)))
 
-  c.model.dtype = "bfloat16"
-  c.model.encoder = ml_collections.ConfigDict(laion.vit_b16(qkv_bias=False))
-  c.model.decoder = ml_collections.ConfigDict(dict(
-      width=768, depth=6, num_heads=12, mlp_dim=3072))
+  c.batch = common.batch(expected_size=1_310_720,
+                         microbatch_size=16_384)  # 128 per device on 128 devices
+  c.privacy = common.privacy()
+  c.optimizer = common.optimizer(learning_rate=5.12e-4, warmup_steps=2_000)
 
-  c.batch.expected_size = 1_310_720
-  c.batch.microbatch_size = 16_384  # 128 per device on 128 devices
-
-  c.privacy.clip_norm = 1.0
-  c.privacy.target_epsilon = 8.0
-  c.privacy.delta = None  # 1/N
-  c.privacy.accountant = "pld"
-
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=5.12e-4, b1=0.9, b2=0.95, weight_decay=0.005, warmup_steps=2_000,
-      schedule="cosine"))
-  c.log_every = 10
-  c.checkpoint_every = 100
+  # The demo's probe: the last 2 blocks, on 32-pixel one-object scenes.
+  c.evals = ml_collections.ConfigDict(dict(probe=evals.scene_probe("label", blocks=2)))
   return c

@@ -13,6 +13,7 @@ from configs import dpcap_tiny
 
 
 def get_config():
+  """The demo (`dpcap_tiny`) with its data read from files; it only sets and adds fields."""
   c = dpcap_tiny.get_config()
   c.data.source = "array_record"  # or "webdataset"
   c.data.path = ""                # the converted directory (or the tar shards)

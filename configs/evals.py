@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from dpvl.data import synthetic
+from dpvl.data import shape_scenes
 
 
 def scene_probe(label_key: str, blocks: int, every: int = 0, train_size: int = 2_000,
@@ -30,7 +30,8 @@ def scene_zero_shot(attribute: str, size: int = 1_000, every: int = 0,
   """Zero-shot classification of one-object scenes by `attribute` ("shape" or "colour"), with
   prompts in the captions' own grammar, ensembled over the other attributes (public
   evaluation scenes with their own seed)."""
-  sizes, shapes, colours = list(synthetic.SIZES), list(synthetic.SHAPES), list(synthetic.COLOURS)
+  sizes, shapes = list(shape_scenes.SIZES), list(shape_scenes.SHAPES)
+  colours = list(shape_scenes.COLOURS)
   if attribute == "shape":
     label_key, names = "label", shapes
     templates = [f"a {s} {c} {{}} in the centre" for s in sizes for c in colours]

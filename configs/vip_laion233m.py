@@ -11,34 +11,31 @@ Expected batch 98,304, C = 0.1, 6,000 steps, target epsilon 8, delta = 1/(2N); A
 
 import ml_collections
 
+from configs import common
+from configs import evals
 from configs import laion
-from configs import vip_tiny
-
-N = laion.N
 
 
 def get_config():
-  c = vip_tiny.get_config()
-  c.steps = 6_000
+  c = common.run("vip_mae", steps=6_000)
   # LAION converted to ArrayRecord (`python -m dpvl.data.convert`; docs/data.md): the images
   # are read, the captions are not used by ViP.
   c.data = laion.laion233m_data(crop="random_resized")
+
   c.model = ml_collections.ConfigDict(dict(
       dtype="bfloat16", mask_ratio=0.75, norm_pix_loss=True,
       encoder=laion.vit_b16(qkv_bias=True),
       decoder=dict(width=512, depth=4, num_heads=16, mlp_dim=2048)))
-  c.batch.expected_size = 98_304
-  c.batch.microbatch_size = 4_096
-  c.privacy.clip_norm = 0.1
-  c.privacy.target_epsilon = 8.0
-  c.privacy.delta = 1 / (2 * N)
-  c.privacy.accountant = "rdp"  # the paper's accountant; PLD gives 6.83 at sigma 0.48
-  c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1.5e-4 * 98_304 / 256, b1=0.9, b2=0.95, weight_decay=0.005,
-      warmup_steps=1_000, schedule="cosine"))
-  for name in c.evals:
-    c.evals[name].every = 500
-  c.evals.probe.blocks = c.evals.probe_shape.blocks = 12  # ViP: last 12 blocks, mean-pooled
-  c.log_every = 10
-  c.checkpoint_every = 100
+
+  c.batch = common.batch(expected_size=98_304, microbatch_size=4_096)
+  c.privacy = common.privacy(
+      clip_norm=0.1, delta=1 / (2 * laion.N),
+      accountant="rdp")  # the paper's accountant; PLD gives 6.83 at sigma 0.48
+  c.optimizer = common.optimizer(learning_rate=1.5e-4 * 98_304 / 256, warmup_steps=1_000)
+
+  # ViP's probe reads the last 12 blocks, mean-pooled (on 32-pixel one-object scenes).
+  c.evals = ml_collections.ConfigDict(dict(
+      probe=evals.scene_probe("position_label", blocks=12, every=500),
+      probe_last=evals.scene_probe("position_label", blocks=0, every=500),
+      probe_shape=evals.scene_probe("label", blocks=12, every=500)))
   return c

@@ -10,27 +10,24 @@ training) read the encoder on separate one-object scenes and classify the object
 
 import ml_collections
 
-from configs import dpcap_tiny
+from configs import common
 from configs import evals
 
 
 def get_config():
-  c = dpcap_tiny.get_config()
-  c.objective = "vip_mae"
-  c.steps = 250
-  del c["tokenizer"]
-  c.data.size = 100_000
-  c.data.max_objects = 4
+  c = common.run("vip_mae", steps=250, checkpoint_every=50)
+  c.data = common.scene_data(size=100_000, max_objects=4)
+
   c.model = ml_collections.ConfigDict(dict(
       dtype="float32", mask_ratio=0.75, norm_pix_loss=True,
       encoder=dict(patch_size=4, width=64, depth=2, num_heads=4, mlp_dim=128, qkv_bias=True,
                    posemb="sincos2d"),
       decoder=dict(width=64, depth=1, num_heads=4, mlp_dim=128)))
-  c.batch.expected_size = 1_024
-  c.batch.microbatch_size = 128
-  c.privacy.clip_norm = 0.1
-  c.optimizer.learning_rate = 5e-3
-  c.optimizer.warmup_steps = 25
+
+  c.batch = common.batch(expected_size=1_024, microbatch_size=128)
+  c.privacy = common.privacy(clip_norm=0.1)
+  c.optimizer = common.optimizer(learning_rate=5e-3, warmup_steps=25)
+
   depth = c.model.encoder.depth
   c.evals = ml_collections.ConfigDict(dict(
       probe=evals.scene_probe("position_label", blocks=depth, every=125),

@@ -1,0 +1,71 @@
+"""The blocks every config builds from: the run, data, tokenizer, batch, privacy and optimizer.
+
+Not a config (it has no get_config()). A config reads as these blocks plus what its run sets;
+each function returns a fresh ConfigDict, and keyword overrides replace or add fields.
+"""
+
+import ml_collections
+
+BERT_VOCAB = "vocab/bert-base-uncased.txt"  # public BERT-uncased word pieces (30,522)
+
+
+def run(objective: str, steps: int, log_every: int = 10,
+        checkpoint_every: int = 100) -> ml_collections.ConfigDict:
+  """The top level of a config: objective, seed, steps and how often to log and checkpoint."""
+  return ml_collections.ConfigDict(dict(
+      objective=objective, seed=0, steps=steps,
+      init_from="",  # workdir of a non-private stage-1 run (e.g. on synthetic data) to start from
+      log_every=log_every, checkpoint_every=checkpoint_every))
+
+
+def scene_data(size: int, max_objects: int = 1) -> ml_collections.ConfigDict:
+  """Generated 32-pixel shape scenes (`dpvl.data.shape_scenes`): N = `size` private records."""
+  return ml_collections.ConfigDict(dict(
+      source="shape_scenes", size=size, image_size=32, seed=0, max_objects=max_objects,
+      public=False,  # True only for public data: then this run may seed a private one
+      max_skip_fraction=0.05))  # stop when far more records than this are unusable
+
+
+def byte_tokenizer(max_len: int) -> ml_collections.ConfigDict:
+  """UTF-8 bytes: needs no vocabulary fit on private data."""
+  return ml_collections.ConfigDict(dict(type="byte", vocab_file="", max_len=max_len))
+
+
+def bert_tokenizer(max_len: int) -> ml_collections.ConfigDict:
+  """Word pieces of the public BERT-uncased vocabulary (`BERT_VOCAB`)."""
+  return ml_collections.ConfigDict(dict(type="wordpiece", vocab_file=BERT_VOCAB,
+                                        max_len=max_len))
+
+
+def batch(expected_size: int, microbatch_size: int, **extra) -> ml_collections.ConfigDict:
+  """Expected Poisson batch size q * N; examples per micro-batch (speed and memory only)."""
+  return ml_collections.ConfigDict(dict(expected_size=expected_size,
+                                        microbatch_size=microbatch_size, **extra))
+
+
+def privacy(**overrides) -> ml_collections.ConfigDict:
+  """DP-SGD at epsilon 8 (PLD accountant, delta = 1/N, C = 1), sigma calibrated to it."""
+  c = ml_collections.ConfigDict()
+  c.enabled = True
+  c.clip_norm = 1.0
+  c.target_epsilon = 8.0
+  # Typed so that `--config.privacy.noise_multiplier=0.7` works; None: calibrated.
+  c.noise_multiplier = ml_collections.FieldReference(None, field_type=float)
+  c.delta = ml_collections.FieldReference(None, field_type=float)  # None: 1/N
+  c.accountant = "pld"  # "pld" or "rdp"
+  c.truncation_tolerance = 1e-3  # truncation may use this fraction of delta
+  # Seed of the Poisson sampler and the noise. Keep it secret: None draws one from the OS at
+  # the first step and keeps it in the (private) checkpoint.
+  c.seed = ml_collections.FieldReference(None, field_type=int)
+  c.update(overrides)
+  return c
+
+
+def optimizer(learning_rate: float, warmup_steps: int,
+              **overrides) -> ml_collections.ConfigDict:
+  """AdamW (0.9, 0.95), weight decay 0.005; warm-up, then `schedule` (`dpvl.optim`)."""
+  c = ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate, b1=0.9, b2=0.95, weight_decay=0.005,
+      warmup_steps=warmup_steps, schedule="cosine"))
+  c.update(overrides)
+  return c

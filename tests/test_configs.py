@@ -1,0 +1,83 @@
+"""The config files: each builds, none removes another's fields, the paper configs plan."""
+
+import ast
+import importlib
+import pathlib
+
+import ml_collections
+import pytest
+
+from dpvl.privacy import plan as plan_lib
+
+CONFIG_DIR = pathlib.Path(__file__).parent.parent / "configs"
+HELPERS = {"__init__", "common", "evals", "laion"}  # modules the configs build from
+NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in HELPERS)
+# The paper's sigma and its epsilon by dp-accounting 0.6.0 (DP-Cap: Sander et al. 2024; ViP: Yu
+# et al. 2024); None: no published sigma.
+PAPER = {
+    "dpcap_laion233m": (0.728, "epsilon_pld", 7.360),
+    "vip_laion233m": (0.48, "epsilon_rdp", 7.996),
+    "dpclip_laion233m": (1.0, None, None),
+}
+
+
+def _module(name):
+  return importlib.import_module(f"configs.{name}")
+
+
+def _keys(config, prefix=""):
+  """The dotted names of all leaves of `config`."""
+  keys = set()
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys |= _keys(value, f"{prefix}{name}.")
+    else:
+      keys.add(prefix + name)
+  return keys
+
+
+def _imported_configs(name):
+  """The config modules (not helpers) that configs/<name>.py imports."""
+  tree = ast.parse((CONFIG_DIR / f"{name}.py").read_text())
+  return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+          and node.module == "configs" for alias in node.names} - HELPERS
+
+
+def test_helper_modules_are_not_configs():
+  assert {"dpcap_tiny", "dpcap_laion233m", "vip_laion233m", "dpclip_laion233m"} <= set(NAMES)
+  for name in HELPERS - {"__init__"}:
+    assert not hasattr(_module(name), "get_config"), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_builds_with_typed_overridable_fields(name):
+  config = _module(name).get_config()
+  assert isinstance(config, ml_collections.ConfigDict)
+  assert {"objective", "seed", "steps", "data", "model", "batch", "privacy",
+          "optimizer"} <= set(config)
+  # Typed references: `--config.privacy.noise_multiplier=0.7` parses even though it is None.
+  for field, kind in (("noise_multiplier", float), ("delta", float), ("seed", int)):
+    assert config.privacy.get_ref(field).get_type() is kind, field
+  assert "sampling" not in config.privacy  # Poisson is the only sampler
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_config_built_from_another_only_sets_or_adds_fields(name):
+  keys = _keys(_module(name).get_config())
+  for parent in _imported_configs(name):
+    assert not _keys(_module(parent).get_config()) - keys, f"{name} removes {parent}'s fields"
+  if name in PAPER:  # the paper recipes stand alone: helpers only
+    assert not _imported_configs(name)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_plan(name):
+  sigma, epsilon_key, want = PAPER[name]
+  config = _module(name).get_config()
+  config.privacy.noise_multiplier = sigma  # skips calibration (seconds per config)
+  summary = plan_lib.build_plan(config).summary()
+  assert summary["steps"] == config.steps
+  assert summary["expected_batch_size"] == config.batch.expected_size
+  if want is not None:
+    assert summary[epsilon_key] == pytest.approx(want, abs=1e-3)
+  assert 0 < summary["epsilon_planned"] <= config.privacy.target_epsilon
