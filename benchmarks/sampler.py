@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from dpvl.parallel import mesh as mesh_lib
 from dpvl.privacy import sampling
 
 N = 233_000_000
@@ -34,7 +35,7 @@ def main():
       times.append(time.perf_counter() - t)
       sizes.append(selection.poisson_size)
     t = time.perf_counter()
-    slots = sampling.host_slots(capacity // (args.hosts * 64), args.hosts * 64, 0, args.hosts)
+    slots = mesh_lib.host_slots(capacity // (args.hosts * 64), args.hosts * 64, 0, args.hosts)
     selection.take(slots)
     share = time.perf_counter() - t
     print(f"{name}: N={N:,} q={q:.6g} expected batch {batch:,} (drawn {np.mean(sizes):,.0f}): "

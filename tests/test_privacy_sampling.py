@@ -66,31 +66,3 @@ def test_bad_arguments():
   with pytest.raises(ValueError):
     sampling.PoissonSampler(10, 0.5, 0, 0)
 
-
-@pytest.mark.parametrize("num_hosts", [1, 2, 4])
-def test_hosts_compute_disjoint_shares_that_cover_the_selection(num_hosts):
-  num_micro, micro = 3, 8
-  make = lambda: sampling.PoissonSampler(5_000, 0.004, capacity=num_micro * micro, seed=11)
-  full = make().select(9)
-  # Each host builds its own sampler (as on a pod): no communication, the same selection.
-  shares = [make().select(9).take(sampling.host_slots(num_micro, micro, h, num_hosts))
-            for h in range(num_hosts)]
-  slots = np.concatenate([sampling.host_slots(num_micro, micro, h, num_hosts)
-                          for h in range(num_hosts)])
-  np.testing.assert_array_equal(np.sort(slots), np.arange(num_micro * micro))
-  assert all(s.indices.size == num_micro * micro // num_hosts for s in shares)
-  chosen = np.concatenate([s.indices[s.mask] for s in shares])
-  np.testing.assert_array_equal(np.sort(chosen), np.sort(full.indices[full.mask]))
-  assert sum(s.size for s in shares) == full.size and full.size > 0
-  # A host's share is the columns of each micro-batch its devices hold.
-  grid = full.indices.reshape(num_micro, micro)
-  width = micro // num_hosts
-  np.testing.assert_array_equal(shares[-1].indices.reshape(num_micro, width),
-                                grid[:, micro - width:])
-
-
-def test_host_slots_arguments_are_checked():
-  with pytest.raises(ValueError, match="host"):
-    sampling.host_slots(2, 8, 2, 2)
-  with pytest.raises(ValueError, match="divisible"):
-    sampling.host_slots(2, 6, 0, 4)

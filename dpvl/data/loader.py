@@ -3,8 +3,8 @@
 Records are read from any random-access source (grain's `RandomAccessDataSource` protocol:
 `__len__`, `__getitem__`) in a thread pool or, with `processes > 0`, in worker processes
 (spawned; each gets the source once, by cloudpickle: image decoding runs there), then prepared
-by the objective in the thread pool. `train` loads the next step's batch while the device runs
-the current one.
+by the objective in the thread pool. `stream.BatchStream` loads the next step's batch while
+the device runs the current one.
 
 A record that cannot be read or prepared is skipped and counted by reason (`errors.BadRecord`
 carries it; any other failure counts as `unreadable_record` when reading and `bad_record` when
@@ -16,14 +16,26 @@ import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import cloudpickle
 import jax
 import numpy as np
 
 from dpvl.data import errors
-from dpvl.privacy import sampling
+from dpvl.parallel import mesh as mesh_lib
+
+
+class Selection(Protocol):
+  """A step's selection as the loader reads it (e.g. `dpvl.privacy.sampling.Selection`)."""
+
+  @property
+  def indices(self) -> np.ndarray:
+    """int [capacity]: the record of each slot (anything where `mask` is False)."""
+
+  @property
+  def mask(self) -> np.ndarray:
+    """bool [capacity]: which slots hold a record; the others are padding."""
 
 
 @dataclasses.dataclass
@@ -75,13 +87,13 @@ class BatchLoader:
                microbatch_size: int, workers: int = 4, processes: int = 0, host: int = 0,
                num_hosts: int = 1):
     """With `num_hosts` > 1, `load` reads only host `host`'s share of each selection
-    (`sampling.host_slots`) and returns it shaped [num_microbatches, microbatch_size /
+    (`mesh.host_slots`) and returns it shaped [num_microbatches, microbatch_size /
     num_hosts, ...]: the rows of the global batch that this host's devices hold."""
     self._source = source
     self._prepare = prepare
     self._spec = example_spec
     self._capacity = num_microbatches * microbatch_size
-    self._slots = sampling.host_slots(num_microbatches, microbatch_size, host, num_hosts)
+    self._slots = mesh_lib.host_slots(num_microbatches, microbatch_size, host, num_hosts)
     self._shape = (num_microbatches, microbatch_size // num_hosts)
     self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
     self._processes, self._chunks = None, 4 * max(1, processes)
@@ -98,18 +110,18 @@ class BatchLoader:
                                 chunksize=max(1, len(indices) // self._chunks))
     return self._threads.map(prepare, reads)
 
-  def load(self, selection: sampling.Selection) -> Batch:
+  def load(self, selection: Selection) -> Batch:
     """The padded batch of `selection` (this host's share), [num_microbatches, width, ...]."""
     if selection.mask.size != self._capacity:
       raise ValueError(f"selection has {selection.mask.size} slots, the batch "
                        f"{self._capacity}.")
-    selection = selection.take(self._slots)
-    examples = {name: np.zeros((selection.mask.size, *s.shape), s.dtype)
+    indices = selection.indices[self._slots]
+    mask = selection.mask[self._slots]  # fancy indexing copies: the input stays unchanged
+    examples = {name: np.zeros((mask.size, *s.shape), s.dtype)
                 for name, s in self._spec.items()}
-    mask = selection.mask.copy()
     skipped = collections.Counter()
     slots = np.flatnonzero(mask)
-    for slot, (example, reason) in zip(slots, self._examples(selection.indices[slots])):
+    for slot, (example, reason) in zip(slots, self._examples(indices[slots])):
       if reason is not None:
         mask[slot] = False
         skipped[reason] += 1

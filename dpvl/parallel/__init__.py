@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh, shardings, and how a batch is laid out over hosts."""

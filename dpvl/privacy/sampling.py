@@ -24,10 +24,9 @@ this is negligible (`accounting.min_capacity`).
 
 The selection of step t is a pure function of (seed, t): any host can compute it, and the only
 sampler state a checkpoint needs is the seed and the step. On H hosts every host computes the
-whole selection (O(expected batch), no communication) and reads only its share of it,
-`host_slots(...)`: the columns of each micro-batch that its devices hold under the batch
-sharding P(None, 'data'). The shares are disjoint and cover all slots. The seed must be secret (the
-adversary must not know who was sampled); `train` draws it from the OS by default.
+whole selection (O(expected batch), no communication) and reads only its share of it
+(`dpvl.parallel.mesh.host_slots`, `Selection.take`). The seed must be secret (the adversary
+must not know who was sampled); `train` draws it from the OS by default.
 """
 
 import dataclasses
@@ -53,25 +52,6 @@ class Selection:
   def take(self, slots: np.ndarray) -> "Selection":
     """The slots `slots` of this selection (e.g. one host's share); sizes stay global."""
     return dataclasses.replace(self, indices=self.indices[slots], mask=self.mask[slots])
-
-
-def host_slots(num_microbatches: int, microbatch_size: int, host: int,
-               num_hosts: int) -> np.ndarray:
-  """Flat slot numbers [num_microbatches * microbatch_size / num_hosts] that host `host` loads.
-
-  Slots are laid out [num_microbatches, microbatch_size] and the micro-batch axis is sharded
-  over the hosts' devices, so host h holds the h-th contiguous block of columns of every
-  micro-batch. The blocks of hosts 0..H-1 are disjoint and together cover every slot.
-  """
-  if not 0 <= host < num_hosts:
-    raise ValueError(f"host must be in [0, {num_hosts}), got {host}.")
-  if microbatch_size % num_hosts:
-    raise ValueError(f"microbatch_size={microbatch_size} must be divisible by the "
-                     f"{num_hosts} hosts.")
-  width = microbatch_size // num_hosts
-  grid = np.arange(num_microbatches * microbatch_size).reshape(num_microbatches,
-                                                               microbatch_size)
-  return grid[:, host * width:(host + 1) * width].ravel()
 
 
 @dataclasses.dataclass(frozen=True)
