@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 from dpvl.data import loader
+from dpvl.data import shape_scenes
 from dpvl.data import sources
-from dpvl.data import synthetic
 from dpvl.data import tokenizers
 from dpvl.data import transforms
 from dpvl.privacy import sampling
 
 
 def test_scenes_are_deterministic_per_seed_and_index():
-  a, b = synthetic.ShapeScenes(100, 32, seed=0), synthetic.ShapeScenes(100, 32, seed=0)
-  c = synthetic.ShapeScenes(100, 32, seed=1)
+  a, b = shape_scenes.ShapeScenes(100, 32, seed=0), shape_scenes.ShapeScenes(100, 32, seed=0)
+  c = shape_scenes.ShapeScenes(100, 32, seed=1)
   np.testing.assert_array_equal(a[7]["image"], b[7]["image"])
   assert a[7]["caption"] == b[7]["caption"] and a[7]["label"] == b[7]["label"]
   np.testing.assert_array_equal(a[np.int64(7)]["image"], a[7]["image"])
@@ -39,7 +39,7 @@ def test_scenes_are_deterministic_per_seed_and_index():
 
 
 def test_scenes_work_as_a_grain_source():
-  scenes = synthetic.ShapeScenes(20, 16, seed=3)
+  scenes = shape_scenes.ShapeScenes(20, 16, seed=3)
   assert isinstance(scenes, grain.sources.RandomAccessDataSource)
   dataset = grain.MapDataset.source(scenes).seed(0).shuffle()
   assert sorted(dataset[i]["index"] for i in range(20)) == list(range(20))
@@ -53,61 +53,61 @@ def test_scenes_work_as_a_grain_source():
                                     dict(num_records=5, max_objects=10)])
 def test_scene_arguments_are_checked(kwargs):
   with pytest.raises(ValueError):
-    synthetic.ShapeScenes(**kwargs)
+    shape_scenes.ShapeScenes(**kwargs)
 
 
 def test_captions_describe_the_objects():
-  scenes = synthetic.ShapeScenes(10**9, 32, seed=5, max_objects=2)  # any size, nothing stored
+  scenes = shape_scenes.ShapeScenes(10**9, 32, seed=5, max_objects=2)  # any size, nothing stored
   counts = collections.Counter()
   for i in range(0, 10**9, 10**7):
-    objects = synthetic.scene_spec(5, i, 2).objects
+    objects = shape_scenes.scene_spec(5, i, 2).objects
     counts[len(objects)] += 1
     record = scenes[i]
     described = record["caption"].split(", ")
     assert len(described) == len(objects)
     for o, text in zip(objects, described):
       assert text.startswith(f"a {o.size} {o.colour} {o.shape} ") and text.endswith(o.position)
-    assert record["label"] == synthetic.SHAPES.index(objects[0].shape)
+    assert record["label"] == shape_scenes.SHAPES.index(objects[0].shape)
   assert set(counts) == {1, 2}
 
 
 def test_two_object_captions_mostly_fit_64_bytes():
-  scenes = synthetic.ShapeScenes(1_000, 8, seed=0, max_objects=2)
+  scenes = shape_scenes.ShapeScenes(1_000, 8, seed=0, max_objects=2)
   lengths = np.array([len(scenes[i]["caption"].encode()) for i in range(1_000)])
   assert np.mean(lengths + 2 <= 64) > 0.8  # + BOS and EOS
-  single = synthetic.ShapeScenes(1_000, 8, seed=0, max_objects=1)
+  single = shape_scenes.ShapeScenes(1_000, 8, seed=0, max_objects=1)
   assert max(len(single[i]["caption"]) for i in range(1_000)) + 2 <= 48
 
 
 def test_objects_are_drawn_in_their_colour_and_do_not_overlap():
-  scenes = synthetic.ShapeScenes(50, 32, seed=0, max_objects=2)
+  scenes = shape_scenes.ShapeScenes(50, 32, seed=0, max_objects=2)
   for i in range(50):
-    scene = synthetic.scene_spec(0, i, 2)
+    scene = shape_scenes.scene_spec(0, i, 2)
     image = scenes[i]["image"]
     assert np.all(image[0, 0] == scene.background)  # the corner is never covered
     for o in scene.objects:
-      colour = np.array(synthetic.COLOURS[o.colour])
+      colour = np.array(shape_scenes.COLOURS[o.colour])
       assert np.all(image.reshape(-1, 3) == colour, axis=1).sum() >= 4
     if len(scene.objects) == 2:  # the bounding boxes (before jitter) are apart
-      (y0, x0), (y1, x1) = (synthetic.POSITIONS[o.position] for o in scene.objects)
-      r0, r1 = (synthetic.SIZES[o.size] for o in scene.objects)
+      (y0, x0), (y1, x1) = (shape_scenes.POSITIONS[o.position] for o in scene.objects)
+      r0, r1 = (shape_scenes.SIZES[o.size] for o in scene.objects)
       assert max(abs(y0 - y1), abs(x0 - x1)) >= r0 + r1 - 1e-9
 
 
 def test_labels_are_balanced():
-  scenes = synthetic.ShapeScenes(2_000, 8, seed=0)
+  scenes = shape_scenes.ShapeScenes(2_000, 8, seed=0)
   labels = [scenes[i]["label"] for i in range(2_000)]
   counts = collections.Counter(labels)
-  assert set(counts) == set(range(synthetic.num_classes)) == set(range(len(synthetic.SHAPES)))
-  assert min(counts.values()) > 2_000 / synthetic.num_classes * 0.75
+  assert set(counts) == set(range(shape_scenes.num_classes)) == set(range(len(shape_scenes.SHAPES)))
+  assert min(counts.values()) > 2_000 / shape_scenes.num_classes * 0.75
   # The other attribute labels name the first object's attributes, as the caption does.
   for i in range(20):
     r = scenes[i]
     first = r["caption"].split(",")[0].split()
-    assert first[1] == tuple(synthetic.SIZES)[r["size_label"]]
-    assert first[2] == tuple(synthetic.COLOURS)[r["colour_label"]]
-    assert first[3] == synthetic.SHAPES[r["label"]]
-    position = tuple(synthetic.POSITIONS)[r["position_label"]]
+    assert first[1] == tuple(shape_scenes.SIZES)[r["size_label"]]
+    assert first[2] == tuple(shape_scenes.COLOURS)[r["colour_label"]]
+    assert first[3] == shape_scenes.SHAPES[r["label"]]
+    position = tuple(shape_scenes.POSITIONS)[r["position_label"]]
     assert r["caption"].split(",")[0].endswith(
         "in the centre" if position == "centre" else position)
 
@@ -235,10 +235,11 @@ def test_loader_pads_and_skips_bad_records_by_reason():
   spec = dict(x=jax.ShapeDtypeStruct((2,), np.float32))
   batch_loader = loader.BatchLoader(_FlakySource(), _prepare, spec, num_microbatches=2,
                                     microbatch_size=4)
-  selection = sampling.Selection(indices=np.array([1, 3, 5, 7, 9, 0, 0, 0]),
-                                 mask=np.array([1, 1, 1, 1, 1, 0, 0, 0], bool),
-                                 poisson_size=5, truncated=0)
+  # The loader reads only `indices` and `mask` of a selection (`loader.Selection`).
+  selection = types.SimpleNamespace(indices=np.array([1, 3, 5, 7, 9, 0, 0, 0]),
+                                    mask=np.array([1, 1, 1, 1, 1, 0, 0, 0], bool))
   batch = batch_loader.load(selection)
+  np.testing.assert_array_equal(selection.mask, [1, 1, 1, 1, 1, 0, 0, 0])  # left as it was
   assert batch.mask.shape == (2, 4) and batch.examples["x"].shape == (2, 4, 2)
   np.testing.assert_array_equal(batch.mask.ravel(), [1, 0, 0, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(batch.examples["x"][..., 0].ravel(), [1, 0, 0, 7, 9, 0, 0, 0])
@@ -249,7 +250,7 @@ def test_loader_pads_and_skips_bad_records_by_reason():
 def test_sentencepiece_tokenizer_from_a_model_file(tmp_path):
   spm = pytest.importorskip("sentencepiece")
   # A tiny model trained here on generated (public) captions: no download.
-  scenes = synthetic.ShapeScenes(300, 8, seed=0)
+  scenes = shape_scenes.ShapeScenes(300, 8, seed=0)
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter([scenes[i]["caption"] for i in range(300)]),
       model_prefix=str(tmp_path / "tiny"), vocab_size=40, model_type="unigram",

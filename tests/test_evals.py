@@ -19,7 +19,7 @@ from configs import vip_tiny
 from dpvl import config as config_lib
 from dpvl import evaluate
 from dpvl import train
-from dpvl.data import synthetic
+from dpvl.data import shape_scenes
 from dpvl.evaluate import linear_probe
 from dpvl.objectives import build_objective
 from dpvl.privacy import plan as plan_lib
@@ -81,7 +81,7 @@ def test_probe_resizes_other_image_sizes_and_counts_bad_records():
     """A labelled source of 64-pixel scenes with two bad records."""
 
     def __init__(self):
-      self.scenes = synthetic.ShapeScenes(40, image_size=64, seed=5)
+      self.scenes = shape_scenes.ShapeScenes(40, image_size=64, seed=5)
 
     def __len__(self):
       return len(self.scenes)

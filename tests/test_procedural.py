@@ -5,14 +5,14 @@ import types
 import numpy as np
 import pytest
 
-from dpvl.data import procedural
+from dpvl.data import procedural_images
 from dpvl.data import sources
 
 
 def test_deterministic_and_varied():
-  a = procedural.ProceduralImages(10**9, 32, seed=0)
-  b = procedural.ProceduralImages(10**9, 32, seed=0)
-  c = procedural.ProceduralImages(10**9, 32, seed=1)
+  a = procedural_images.ProceduralImages(10**9, 32, seed=0)
+  b = procedural_images.ProceduralImages(10**9, 32, seed=0)
+  c = procedural_images.ProceduralImages(10**9, 32, seed=1)
   np.testing.assert_array_equal(a[123_456_789]["image"], b[123_456_789]["image"])
   assert not np.array_equal(a[5]["image"], c[5]["image"])
   images = np.stack([a[i]["image"] for i in range(64)]).astype(np.float32)
@@ -22,7 +22,7 @@ def test_deterministic_and_varied():
   means = images.mean(axis=(1, 2))
   assert means.std(axis=0).min() > 10
   with pytest.raises(IndexError):
-    procedural.ProceduralImages(10, 8)[10]
+    procedural_images.ProceduralImages(10, 8)[10]
 
 
 def test_registered_as_a_source():

@@ -12,6 +12,7 @@ import json
 import grain
 from etils import epath
 
+from dpvl import config as config_lib
 from dpvl.data import errors
 from dpvl.data import records
 
@@ -28,15 +29,23 @@ class _FileInstruction:
 
 
 def read_index(directory: str) -> dict:
+  """The index of the dataset in `directory`; ConfigError if it is missing or malformed."""
   path = epath.Path(directory) / INDEX
   if not path.exists():
-    raise ValueError(f"data.path={directory!r} has no {INDEX}; write one with "
-                     "`python -m dpvl.data.convert --from=SHARDS --to=DIR`.")
+    raise config_lib.ConfigError(f"data.path={directory!r} has no {INDEX}; write one with "
+                                 "`python -m dpvl.data.convert --from=SHARDS --to=DIR`.")
   try:
-    return json.loads(path.read_text())
+    index = json.loads(path.read_text())
   except ValueError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); rewrite it with `python -m "
-                     "dpvl.data.convert`.") from None
+    raise config_lib.ConfigError(f"{path} is not valid JSON ({e}); rewrite it with `python -m "
+                                 "dpvl.data.convert`.") from None
+  shards = index.get("shards") if isinstance(index, dict) else None
+  if not isinstance(shards, list) or not all(
+      isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("records"), int)
+      for s in shards):
+    raise config_lib.ConfigError(f"{path} is not an index as `python -m dpvl.data.convert` "
+                                 "writes one (no list of shards with file and records).")
+  return index
 
 
 class ArrayRecordSource:
@@ -48,12 +57,12 @@ class ArrayRecordSource:
 
   def __init__(self, directory: str, image_size: int, crop: str = "center", seed: int = 0):
     if crop not in records.CROPS:
-      raise ValueError(f"data.crop must be one of {records.CROPS}, got {crop!r}.")
+      raise config_lib.ConfigError(f"data.crop must be one of {records.CROPS}, got {crop!r}.")
     index = read_index(directory)
     shards = [s for s in index["shards"] if s["records"] > 0]
     if not shards:
-      raise ValueError(f"data.path={directory!r} holds no record (rejected: "
-                       f"{index.get('rejected', {})}).")
+      raise config_lib.ConfigError(f"data.path={directory!r} holds no record (rejected: "
+                                   f"{index.get('rejected', {})}).")
     root = epath.Path(directory)
     self._files = [str(root / s["file"]) for s in shards]
     self._starts, total = [], 0

@@ -1,6 +1,8 @@
 """The error a bad record raises: the loader skips the record and counts it by `reason`; and the
 check that stops a run whose data has gone bad before it spends budget on nothing."""
 
+import collections
+
 from scipy import stats
 
 # Reasons are short, stable names: they are keys of the `skipped` counts in metrics.jsonl.
@@ -47,3 +49,29 @@ def too_many_skipped(skipped: int, drawn: int, max_fraction: float,
   if skipped == 0:
     return False
   return float(stats.binom.sf(skipped - 1, drawn, max_fraction)) < significance
+
+
+class SkipMonitor:
+  """Counts the records a run skips: in total, by reason, and over the last `window` steps, where
+  `too_many` stops the run before its budget is spent on data that has gone bad."""
+
+  def __init__(self, window: int, max_fraction: float):
+    self.max_fraction = max_fraction
+    self.totals = collections.Counter()  # reason -> records skipped since the run (re)started
+    self._recent = collections.deque(maxlen=window)  # (drawn, Counter of skipped) per step
+
+  def add(self, drawn: int, skipped: dict[str, int]) -> None:
+    """One step's batch: `drawn` records selected, `skipped` of them unusable, by reason."""
+    self.totals.update(skipped)
+    self._recent.append((drawn, collections.Counter(skipped)))
+
+  def too_many(self) -> str | None:
+    """Why the recent steps skipped far more than `max_fraction` of their records, or None."""
+    drawn = sum(d for d, _ in self._recent)
+    reasons = sum((c for _, c in self._recent), collections.Counter())
+    skipped = sum(reasons.values())
+    if not too_many_skipped(skipped, drawn, self.max_fraction):
+      return None
+    return (f"{skipped} of the {drawn} records drawn in the last {len(self._recent)} steps "
+            f"could not be used ({dict(reasons)}), far more than "
+            f"config.data.max_skip_fraction={self.max_fraction} allows")

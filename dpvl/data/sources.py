@@ -15,57 +15,75 @@ File sources decode images to `data.image_size` with `data.crop` ("center" or
 "random_resized", seeded by (data.seed, index)). See docs/data.md.
 """
 
-from dpvl.data import procedural
-from dpvl.data import synthetic
+from dpvl import config as config_lib
+from dpvl import registry
+from dpvl.data import procedural_images
+from dpvl.data import shape_scenes
 
 
-def _field(cfg, name, default=None):
+def _option(cfg, name, default=None):
+  """`cfg.<name>` of a data config (a ConfigDict, dict or namespace), or `default`."""
   return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
 
 
+def _given(cfg, name):
+  """`cfg.<name>`; ConfigError naming the field if it is absent."""
+  value = _option(cfg, name)
+  if value is None:
+    raise config_lib.ConfigError(f"data.{name} is required for data.source={cfg.source!r}.")
+  return value
+
+
 def _required(cfg, name):
-  value = _field(cfg, name)
+  """`cfg.<name>`; ConfigError naming the field if it is absent or empty."""
+  value = _option(cfg, name)
   if not value:
-    raise ValueError(f"data.{name} is required for data.source={cfg.source!r}.")
+    raise config_lib.ConfigError(f"data.{name} is required for data.source={cfg.source!r}.")
   return value
 
 
 def _shape_scenes(cfg):
-  return synthetic.ShapeScenes(num_records=cfg.size, image_size=cfg.image_size, seed=cfg.seed,
-                               max_objects=getattr(cfg, "max_objects", 2))
+  return shape_scenes.ShapeScenes(num_records=_given(cfg, "size"),
+                                  image_size=_given(cfg, "image_size"),
+                                  seed=_given(cfg, "seed"),
+                                  max_objects=_option(cfg, "max_objects", 2))
 
 
 def _procedural(cfg):
-  return procedural.ProceduralImages(num_records=cfg.size, image_size=cfg.image_size,
-                                     seed=cfg.seed)
+  return procedural_images.ProceduralImages(num_records=_given(cfg, "size"),
+                                            image_size=_given(cfg, "image_size"),
+                                            seed=_given(cfg, "seed"))
 
 
 def _webdataset(cfg):
   from dpvl.data import webdataset  # pylint: disable=g-import-not-at-top
-  return webdataset.WebDatasetSource(_required(cfg, "path"), cfg.image_size,
-                                     _field(cfg, "crop", "center"), _field(cfg, "seed", 0),
-                                     _field(cfg, "index_cache") or None)
+  return webdataset.WebDatasetSource(_required(cfg, "path"), _given(cfg, "image_size"),
+                                     _option(cfg, "crop", "center"), _option(cfg, "seed", 0),
+                                     _option(cfg, "index_cache") or None)
 
 
 def _array_record(cfg):
   from dpvl.data import arrayrecord  # pylint: disable=g-import-not-at-top
-  return arrayrecord.ArrayRecordSource(_required(cfg, "path"), cfg.image_size,
-                                       _field(cfg, "crop", "center"), _field(cfg, "seed", 0))
+  return arrayrecord.ArrayRecordSource(_required(cfg, "path"), _given(cfg, "image_size"),
+                                       _option(cfg, "crop", "center"), _option(cfg, "seed", 0))
 
 
 def _tfds(cfg):
   from dpvl.data import tfds  # pylint: disable=g-import-not-at-top
-  return tfds.TfdsSource(_required(cfg, "name"), _field(cfg, "split", "train"), cfg.image_size,
-                         _field(cfg, "data_dir"), _field(cfg, "manual_dir"))
+  return tfds.TfdsSource(_required(cfg, "name"), _option(cfg, "split", "train"),
+                         _given(cfg, "image_size"),
+                         _option(cfg, "data_dir"), _option(cfg, "manual_dir"))
 
 
-REGISTRY = {
+# Builders: config.data -> source. Fields are named relative to the data config, which may also
+# sit under an evaluator's config (`config.evals.<name>.data`).
+REGISTRY = registry.Registry("data.source", {
     "shape_scenes": _shape_scenes,
     "procedural": _procedural,  # synthetic warm-start images, no captions or labels
     "webdataset": _webdataset,
     "array_record": _array_record,
     "tfds": _tfds,
-}
+})
 
 # Sources whose records are generated, never read: a non-private run on them touches no private
 # data, so it may seed a private one (dpvl/privacy/provenance.py). Any other source must be
@@ -74,8 +92,12 @@ PUBLIC_BY_CONSTRUCTION = frozenset({"shape_scenes", "procedural"})
 
 
 def build_source(cfg):
-  """The source named by `cfg.source`, built from the rest of `cfg` (config.data)."""
-  if cfg.source not in REGISTRY:
-    raise ValueError(
-        f"data.source={cfg.source!r} is unknown; choose one of {sorted(REGISTRY)}.")
+  """The source named by `cfg.source`, built from the rest of `cfg` (config.data).
+
+  Args:
+    cfg: config.data (a ConfigDict, or any object with the fields as attributes).
+
+  Returns:
+    The source; ConfigError naming the field (relative to `cfg`) for a bad field or path.
+  """
   return REGISTRY[cfg.source](cfg)

@@ -8,6 +8,7 @@ Records: `image` uint8 [S, S, 3] (shorter side to S, centre crop), `label`, `ind
 
 import numpy as np
 
+from dpvl import config as config_lib
 from dpvl.data import transforms
 
 
@@ -15,9 +16,14 @@ def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError("data.source='tfds' needs TensorFlow Datasets: pip install "
-                     "tensorflow-datasets tensorflow-cpu") from None
+    raise config_lib.ConfigError("data.source='tfds' needs TensorFlow Datasets: pip install "
+                                 "tensorflow-datasets tensorflow-cpu") from None
   return tfds
+
+
+def _first_line(e: Exception) -> str:
+  """TFDS's messages can run to many lines (every dataset name): the first one."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class TfdsSource:
@@ -27,14 +33,22 @@ class TfdsSource:
                manual_dir: str | None = None, image_key: str = "image",
                label_key: str = "label"):
     tfds = _import_tfds()
-    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    try:  # an unknown name is TFDS's DatasetNotFoundError, a ValueError
+      builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    except ValueError as e:
+      raise config_lib.ConfigError(f"data.name={name!r}: {_first_line(e)}") from None
     if not builder.is_prepared():
       if not manual_dir:
-        raise ValueError(f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}; "
-                         "prepare it there (tfds build) or set data.manual_dir.")
+        raise config_lib.ConfigError(
+            f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}; prepare it there "
+            "(tfds build) or set data.manual_dir.")
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    self._source = builder.as_data_source(split=split)
+    try:  # an unknown split, or a dataset prepared in another file format
+      self._source = builder.as_data_source(split=split)
+    except (KeyError, ValueError) as e:
+      raise config_lib.ConfigError(f"data.split={split!r} of TFDS dataset {name!r} cannot be "
+                                   f"read: {_first_line(e)}") from None
     self._size, self._image_key, self._label_key = int(image_size), image_key, label_key
     self.num_classes = builder.info.features[label_key].num_classes
 

@@ -18,6 +18,9 @@ import unicodedata
 
 import numpy as np
 
+from dpvl import config as config_lib
+from dpvl import registry
+
 
 _NO_SPACE_BEFORE = frozenset(".,!?;:")
 
@@ -43,7 +46,7 @@ class _Tokenizer:
 
   def __init__(self, max_len: int):
     if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
-      raise ValueError(f"tokenizer.max_len must be an integer >= 2, got {max_len!r}.")
+      raise config_lib.ConfigError(f"tokenizer.max_len must be an integer >= 2, got {max_len!r}.")
     self.max_len = int(max_len)
 
   def _ids(self, text: str) -> list[int]:
@@ -96,16 +99,17 @@ class WordPieceTokenizer(_Tokenizer):
   def __init__(self, vocab_file: str, max_len: int):
     super().__init__(max_len)
     if not vocab_file or not os.path.isfile(vocab_file):
-      raise ValueError(f"tokenizer.vocab_file={vocab_file!r} is not a readable file.")
+      raise config_lib.ConfigError(f"tokenizer.vocab_file={vocab_file!r} is not a readable file.")
     try:
       with open(vocab_file, encoding="utf-8") as f:
         pieces = [line.rstrip("\n") for line in f]
     except (OSError, UnicodeDecodeError) as e:
-      raise ValueError(f"tokenizer.vocab_file={vocab_file!r} cannot be read: {e}") from e
+      raise config_lib.ConfigError(
+          f"tokenizer.vocab_file={vocab_file!r} cannot be read: {e}") from e
     self.vocab = {p: i for i, p in enumerate(pieces) if p}
     missing = [s for s in self._SPECIAL if s not in self.vocab]
     if missing:
-      raise ValueError(f"tokenizer.vocab_file={vocab_file!r} lacks {missing}.")
+      raise config_lib.ConfigError(f"tokenizer.vocab_file={vocab_file!r} lacks {missing}.")
     self.pieces = pieces
     self.vocab_size = len(pieces)
     self.pad_id, self.unk_id, self.bos_id, self.eos_id = (self.vocab[s] for s in self._SPECIAL)
@@ -176,19 +180,20 @@ class SentencePieceTokenizer(_Tokenizer):
     try:
       import sentencepiece  # pylint: disable=g-import-not-at-top
     except ImportError:
-      raise ValueError("tokenizer.type='sentencepiece' needs the sentencepiece package: pip "
-                       "install sentencepiece") from None
+      raise config_lib.ConfigError("tokenizer.type='sentencepiece' needs the sentencepiece "
+                                   "package: pip install sentencepiece") from None
     if not model_file or not os.path.isfile(model_file):
-      raise ValueError(f"tokenizer.vocab_file={model_file!r} is not a readable file.")
+      raise config_lib.ConfigError(f"tokenizer.vocab_file={model_file!r} is not a readable file.")
     try:
       self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
     except (OSError, RuntimeError) as e:
-      raise ValueError(f"tokenizer.vocab_file={model_file!r} is not a sentencepiece model: "
-                       f"{e}") from None
+      raise config_lib.ConfigError(f"tokenizer.vocab_file={model_file!r} is not a sentencepiece "
+                                   f"model: {e}") from None
     pieces = self._sp.get_piece_size()
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
-      raise ValueError(f"tokenizer.vocab_file={model_file!r} has no BOS or EOS piece.")
+      raise config_lib.ConfigError(f"tokenizer.vocab_file={model_file!r} has no BOS or EOS "
+                                   "piece.")
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else pieces
     self.vocab_size = pieces + (self.pad_id == pieces)
 
@@ -199,16 +204,34 @@ class SentencePieceTokenizer(_Tokenizer):
     return self._sp.decode([i for i in ids if 0 <= i < self._sp.get_piece_size()])
 
 
-TYPES = ("byte", "wordpiece", "sentencepiece")
+def _byte(cfg) -> ByteTokenizer:
+  return ByteTokenizer(cfg.max_len)
+
+
+def _wordpiece(cfg) -> WordPieceTokenizer:
+  return WordPieceTokenizer(cfg.vocab_file, cfg.max_len)
+
+
+def _sentencepiece(cfg) -> SentencePieceTokenizer:
+  return SentencePieceTokenizer(cfg.vocab_file, cfg.max_len)
+
+
+# Builders: config.tokenizer -> tokenizer.
+TYPES = registry.Registry("tokenizer.type", {
+    "byte": _byte,
+    "wordpiece": _wordpiece,
+    "sentencepiece": _sentencepiece,
+})
 
 
 def build_tokenizer(cfg) -> _Tokenizer:
-  """From config.tokenizer: `type` (one of TYPES), `vocab_file` (vocab.txt or .model),
-  `max_len`."""
-  if cfg.type == "byte":
-    return ByteTokenizer(cfg.max_len)
-  if cfg.type == "wordpiece":
-    return WordPieceTokenizer(cfg.vocab_file, cfg.max_len)
-  if cfg.type == "sentencepiece":
-    return SentencePieceTokenizer(cfg.vocab_file, cfg.max_len)
-  raise ValueError(f"tokenizer.type={cfg.type!r} is unknown; choose one of {TYPES}.")
+  """The tokenizer of config.tokenizer.
+
+  Args:
+    cfg: config.tokenizer: `type` (one of TYPES), `vocab_file` (vocab.txt or .model; unused by
+      "byte"), `max_len`.
+
+  Returns:
+    The tokenizer; ConfigError naming the field for an unknown `type` or a bad field.
+  """
+  return TYPES[cfg.type](cfg)

@@ -24,6 +24,7 @@ import tarfile
 
 from etils import epath
 
+from dpvl import config as config_lib
 from dpvl.data import errors
 from dpvl.data import records
 
@@ -178,10 +179,15 @@ class WebDatasetSource:
                index_cache: str | None = None):
     urls = expand_shards(shards)
     if not urls:
-      raise ValueError(f"data.path={shards!r} names no tar shard.")
+      raise config_lib.ConfigError(f"data.path={shards!r} names no tar shard.")
     if crop not in records.CROPS:
-      raise ValueError(f"data.crop must be one of {records.CROPS}, got {crop!r}.")
-    indices, self.missing_shards = index_shards(urls, index_cache)
+      raise config_lib.ConfigError(f"data.crop must be one of {records.CROPS}, got {crop!r}.")
+    try:
+      indices, self.missing_shards = index_shards(urls, index_cache)
+    except IsADirectoryError as e:
+      raise config_lib.ConfigError(
+          f"data.path={shards!r} names a directory, {e.filename}; name its tar shards (a glob "
+          "such as DIR/*.tar, a {000..099} range or a comma-separated list).") from None
     self._urls = [i.url for i in indices]
     self._shard, self._parts = [], []
     self.rejected = collections.Counter()
@@ -190,9 +196,9 @@ class WebDatasetSource:
       self._parts += index.keys
       self.rejected.update(index.rejected)
     if not self._parts:
-      raise ValueError(f"data.path={shards!r} holds no complete record ({len(urls)} shards "
-                       f"listed, {len(self.missing_shards)} missing, rejected "
-                       f"{dict(self.rejected)}).")
+      raise config_lib.ConfigError(
+          f"data.path={shards!r} holds no complete record ({len(urls)} shards listed, "
+          f"{len(self.missing_shards)} missing, rejected {dict(self.rejected)}).")
     self._size, self._crop, self._seed = int(image_size), crop, int(seed)
 
   def __len__(self) -> int:

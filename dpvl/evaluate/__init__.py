@@ -6,17 +6,18 @@ private run is post-processing: it costs no privacy budget.
 """
 
 import dataclasses
-import importlib
 from typing import Any, Callable
 
+from dpvl import registry
 from dpvl.config import ConfigError
 from dpvl.config import get_field
 
-REGISTRY = {
-    "linear_probe": "dpvl.evaluate.linear_probe",
-    "zero_shot": "dpvl.evaluate.zero_shot",
-    "retrieval": "dpvl.evaluate.retrieval",
-}
+# Builders: (config, name, objective) -> (params -> {metric: value}).
+REGISTRY = registry.Registry("config.evals.<name>.type", {
+    "linear_probe": "dpvl.evaluate.linear_probe:build",
+    "zero_shot": "dpvl.evaluate.zero_shot:build",
+    "retrieval": "dpvl.evaluate.retrieval:build",
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +39,11 @@ def build_evaluators(config, objective) -> list[Evaluator]:
   evaluators = []
   for name in sorted(get_field(config, "evals", None) or {}):
     kind = get_field(config, f"evals.{name}.type")
-    if kind not in REGISTRY:
-      raise ConfigError(f"config.evals.{name}.type={kind!r} is unknown; choose one of "
-                        f"{sorted(REGISTRY)}.")
+    build = REGISTRY.lookup(kind, field=f"config.evals.{name}.type")
     every = int(get_field(config, f"evals.{name}.every", 0))
     if every < 0:
       raise ConfigError(f"config.evals.{name}.every must be >= 0, got {every}.")
-    evaluate = importlib.import_module(REGISTRY[kind]).build(config, name, objective)
-    evaluators.append(Evaluator(name, every, evaluate))
+    evaluators.append(Evaluator(name, every, build(config, name, objective)))
   return evaluators
 
 

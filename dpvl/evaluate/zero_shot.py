@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpvl import objectives
 from dpvl.data import sources
 from dpvl.evaluate.linear_probe import chunked
 from dpvl.evaluate.linear_probe import load_labelled
@@ -23,10 +24,10 @@ from dpvl.config import get_field
 def image_and_text_embedders(objective, name: str):
   """(images [n, S, S, 3] -> [n, d], tokens [n, L] -> [n, d]) chunked embedders of a
   contrastive objective, each taking the full parameters."""
-  dual = objective.dual_encoder
-  if dual is None:
+  if not isinstance(objective, objectives.ContrastiveObjective):
     raise ConfigError(f"config.evals.{name} needs a contrastive objective (dpclip), not "
                       f"{objective.name!r}.")
+  dual = objective.dual_encoder
   embed = lambda fn, key, tower: chunked(lambda params, x: jax.vmap(
       lambda one: fn(params[tower], {key: one}))(x))
   return (embed(dual.embed_image, "image", "image"), embed(dual.embed_text, "tokens", "text"))

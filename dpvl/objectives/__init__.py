@@ -1,67 +1,182 @@
-"""Objectives: each defines a model, a per-example loss and the host-side example preparation.
+"""Objectives: each defines a model, how it learns, and the host-side example preparation.
 
-An objective knows nothing about privacy: the engine in `dpvl.privacy` clips, sums and noises
-whatever per-example loss the objective returns.
+Two kinds, by what the privacy engine gets from them:
+* `PerExampleObjective` gives only a loss of one example; DP-SGD (`dpvl.privacy.dpsgd`) clips,
+  sums and noises its per-example gradients, whatever the loss.
+* `ContrastiveObjective` has a loss that couples every pair of a batch, so it gives its two
+  towers (`dual_encoder`) instead, and the mechanisms of `dpvl.privacy.contrastive`, which
+  declare and test their sensitivity, make the batch gradient private.
 """
 
 import dataclasses
-import importlib
+import difflib
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
-REGISTRY = {
-    "dpcap": "dpvl.objectives.dpcap",
-    "vip_mae": "dpvl.objectives.vip_mae",
-    "dpclip": "dpvl.objectives.dpclip",
-}
+from dpvl import config as config_lib
+from dpvl import registry
+from dpvl.models import vit
+from dpvl.privacy import contrastive
+
+REGISTRY = registry.Registry("config.objective", {
+    "dpcap": "dpvl.objectives.dpcap:build",
+    "vip_mae": "dpvl.objectives.vip_mae:build",
+    "dpclip": "dpvl.objectives.dpclip:build",
+})
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Objective:
-  """What the engine needs from an objective.
+  """What the engine and the evaluators need from every objective.
 
   Attributes:
     name: registry name.
     init: rng -> params (a pytree of arrays).
-    per_example_loss: (params, example, rng) -> scalar loss of ONE example (no batch axis);
-      None for a batch-coupled (contrastive) objective, which gives `dual_encoder` instead.
     prepare: host-side record (dict from a data source) -> example (dict of numpy arrays).
     example_spec: name -> jax.ShapeDtypeStruct of one prepared example.
     model: the Flax module, for evaluation hooks.
     encode: (params, images [B, H, W, 3] normalised) -> (tokens [B, T, D], list of every
       block's output): the image encoder's features, for evaluators (linear probe).
     image_size: side of the square images the encoder takes.
-    dual_encoder: a contrastive objective's towers (`dpvl.privacy.contrastive.DualEncoder`),
-      trained by the mechanisms of `privacy.contrastive` and read by zero-shot and retrieval.
     tokenize: text -> int32 token ids [max_len], for evaluators that embed text.
   """
 
   name: str
   init: Callable[[jax.Array], Any]
-  per_example_loss: Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array] | None
   prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]]
   example_spec: Mapping[str, jax.ShapeDtypeStruct]
   model: Any = None
   encode: Callable[[Any, jax.Array], Any] | None = None
   image_size: int | None = None
-  dual_encoder: Any = None
   tokenize: Callable[[str], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerExampleObjective(Objective):
+  """An objective whose loss is a sum over examples, trained with per-example clipping.
+
+  Attributes:
+    per_example_loss: (params, example, rng) -> scalar loss of ONE example (no batch axis).
+  """
+
+  per_example_loss: Callable[[Any, Mapping[str, jax.Array], jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ContrastiveObjective(Objective):
+  """A batch-coupled (contrastive) objective: no per-example loss, two towers instead.
+
+  Attributes:
+    dual_encoder: the towers, trained by the mechanisms of `dpvl.privacy.contrastive` and read
+      by the zero-shot and retrieval evaluators.
+  """
+
+  dual_encoder: contrastive.DualEncoder
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def image_size(config) -> int:
   """`config.data.image_size`, checked to be a multiple of the encoder's patch size."""
-  size, patch = config.data.image_size, config.model.encoder.patch_size
-  if size % patch:
-    raise ValueError(f"config.data.image_size={size} is not a multiple of "
-                     f"config.model.encoder.patch_size={patch}.")
+  size = config_lib.get_field(config, "data.image_size")
+  patch = config_lib.get_field(config, "model.encoder.patch_size")
+  config_lib.check(_positive_int(size),
+                   f"config.data.image_size must be a positive integer, got {size!r}.")
+  config_lib.check(_positive_int(patch),
+                   f"config.model.encoder.patch_size must be a positive integer, got {patch!r}.")
+  config_lib.check(size % patch == 0, f"config.data.image_size={size} is not a multiple of "
+                   f"config.model.encoder.patch_size={patch}.")
   return size
 
 
+def model_dtype(config) -> jnp.dtype:
+  """`config.model.dtype` (the activation dtype), or a ConfigError naming it."""
+  name = config_lib.get_field(config, "model.dtype")
+  try:
+    return jnp.dtype(name)
+  except TypeError:
+    raise config_lib.ConfigError(f"config.model.dtype={name!r} is not a dtype; use e.g. "
+                                 "'float32' or 'bfloat16'.") from None
+
+
+def module_fields(module: type, given=()) -> tuple[set[str], set[str]]:
+  """(all, required) keyword fields of a Flax module class, less `given` and dtype (set by the
+  builder)."""
+  fields = [f for f in dataclasses.fields(module)
+            if f.init and f.name not in ("parent", "name", "dtype", *given)]
+  required = {f.name for f in fields
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+  return {f.name for f in fields}, required
+
+
+_TRANSFORMER = ("width", "depth", "num_heads", "mlp_dim")
+
+
+def check_transformer(config, field: str, module: type | None = None, given=(),
+                      sincos: bool = False) -> None:
+  """Checks `config.<field>`, the keyword arguments of a transformer, before any model is built.
+
+  The modules check the same at `init` only (inside jit), so a typo would fail there, in a
+  traceback; this fails at once with a ConfigError naming the field.
+
+  Args:
+    config: the run's config.
+    field: dotted path of the section, e.g. "model.encoder".
+    module: the Flax module class it is passed to: it names the allowed and required fields
+      (None: exactly width, depth, num_heads and mlp_dim).
+    given: fields of `module` the builder sets itself (not allowed in the section).
+    sincos: the module adds sin-cos position embeddings of this width whatever `posemb` says.
+  """
+  section = config_lib.get_field(config, field)
+  config_lib.check(hasattr(section, "keys"), f"config.{field} must be a dict of fields, got "
+                   f"{section!r}.")
+  section = dict(section)
+  names, required = (module_fields(module, given) if module is not None else
+                     (set(_TRANSFORMER), set(_TRANSFORMER)))
+  unknown = sorted(set(section) - names)
+  if unknown and unknown[0] in given:
+    raise config_lib.ConfigError(f"config.{field}.{unknown[0]} cannot be set: the objective "
+                                 "derives it from the rest of the config.")
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], names, n=1)
+    raise config_lib.ConfigError(f"config.{field} has no field {unknown[0]!r}; " + (
+        f"did you mean {close[0]!r}?" if close else f"its fields are {sorted(names)}."))
+  missing = sorted(required - set(section))
+  if missing:
+    raise config_lib.ConfigError(f"config.{field}.{missing[0]} is missing.")
+  for name in ("patch_size", *_TRANSFORMER):
+    if name in section:
+      config_lib.check(_positive_int(section[name]), f"config.{field}.{name} must be a "
+                       f"positive integer, got {section[name]!r}.")
+  width, heads = section["width"], section["num_heads"]
+  config_lib.check(width % heads == 0, f"config.{field}.width={width} is not divisible by "
+                   f"config.{field}.num_heads={heads}.")
+  posemb = section.get("posemb", "sincos2d") if "posemb" in names else None
+  config_lib.check(posemb in (None, "sincos2d", "learn"),
+                   f"config.{field}.posemb={posemb!r} is unknown; use 'sincos2d' or 'learn'.")
+  if sincos or posemb == "sincos2d":
+    config_lib.check(width % 4 == 0, f"config.{field}.width={width} must be divisible by 4 "
+                     "for sin-cos position embeddings.")
+
+
+def check_encoder(config) -> None:
+  """Checks `config.model.encoder` (the ViT every objective shares) and the image size."""
+  check_transformer(config, "model.encoder", vit.ViT)
+  image_size(config)
+
+
 def build_objective(config) -> Objective:
-  """Builds the objective named by `config.objective`."""
-  name = config.objective
-  if name not in REGISTRY:
-    raise ValueError(
-        f"config.objective={name!r} is unknown; choose one of {sorted(REGISTRY)}.")
-  return importlib.import_module(REGISTRY[name]).build(config)
+  """Builds the objective named by `config.objective`.
+
+  Args:
+    config: the run's config.
+
+  Returns:
+    The objective; ConfigError naming the field for an unknown name or a bad model, tokenizer
+    or data field, before any model is initialised.
+  """
+  return REGISTRY[config.objective](config)

@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpvl import config as config_lib
+from dpvl import objectives
 from dpvl.data import tokenizers
 from dpvl.data import transforms
 from dpvl.models.captioner import Captioner
+from dpvl.models.text import TextDecoder
 from dpvl.models.vit import vit_features
-from dpvl.objectives import Objective
-from dpvl.objectives import image_size
 
 
 def target_weights(targets, pad_id: int, eos_id: int | None = None):
@@ -51,14 +52,22 @@ def model_from_config(config, vocab_size: int) -> Captioner:
   return Captioner(
       encoder=dict(config.model.encoder),
       decoder=dict(vocab_size=vocab_size, max_len=config.tokenizer.max_len - 1, **dec),
-      dtype=jnp.dtype(config.model.dtype))
+      dtype=objectives.model_dtype(config))
 
 
-def build(config) -> Objective:
+def check_model(config) -> None:
+  """ConfigError naming the field for a `config.model` that the modules would reject at init."""
+  objectives.check_encoder(config)
+  objectives.check_transformer(config, "model.decoder", TextDecoder,
+                               given=("vocab_size", "max_len"))
+
+
+def build(config) -> objectives.PerExampleObjective:
   """DP-Cap: per-example mean next-token cross-entropy of a caption given its image."""
-  tokenizer = tokenizers.build_tokenizer(config.tokenizer)
+  check_model(config)
+  tokenizer = tokenizers.build_tokenizer(config_lib.get_field(config, "tokenizer"))
   model = model_from_config(config, tokenizer.vocab_size)
-  size, length = image_size(config), config.tokenizer.max_len
+  size, length = objectives.image_size(config), config.tokenizer.max_len
   spec = dict(image=jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
               tokens=jax.ShapeDtypeStruct((length,), jnp.int32))
 
@@ -81,9 +90,10 @@ def build(config) -> Objective:
     logits = model.apply({"params": params}, example["image"][None], tokens[None, :-1])[0]
     return masked_token_loss(logits, tokens[1:], tokenizer.pad_id, tokenizer.eos_id)
 
-  return Objective(name="dpcap", init=init, per_example_loss=per_example_loss,
-                   prepare=prepare, example_spec=spec, model=model,
-                   encode=vit_features(config.model.encoder, model.dtype), image_size=size)
+  return objectives.PerExampleObjective(
+      name="dpcap", init=init, per_example_loss=per_example_loss, prepare=prepare,
+      example_spec=spec, model=model, encode=vit_features(config.model.encoder, model.dtype),
+      image_size=size)
 
 
 def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,
@@ -110,7 +120,8 @@ def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,
   return jax.lax.fori_loop(0, max_len - 1, body, (tokens, done))[0]
 
 
-def caption_images(objective: Objective, params, images: np.ndarray, config) -> list[str]:
+def caption_images(objective: objectives.Objective, params, images: np.ndarray,
+                   config) -> list[str]:
   """Greedy captions (text) for uint8 images [B, H, W, 3]."""
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   x = np.stack([transforms.normalize_image(im) for im in images])

@@ -8,12 +8,12 @@ loss is the MSE on the masked patches only (optionally on per-patch normalised p
 import jax
 import jax.numpy as jnp
 
+from dpvl import config as config_lib
+from dpvl import objectives
 from dpvl.data import transforms
 from dpvl.models.mae import MaskedAutoencoder
 from dpvl.models.vit import patchify
 from dpvl.models.vit import vit_features
-from dpvl.objectives import Objective
-from dpvl.objectives import image_size
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -37,13 +37,23 @@ def masked_patch_loss(pred, target, keep, norm_pix: bool = False):
   return jnp.sum(per_patch * masked) / jnp.maximum(jnp.sum(masked), 1.0)
 
 
-def build(config) -> Objective:
-  size, p = image_size(config), config.model.encoder.patch_size
+def check_model(config) -> None:
+  """ConfigError naming the field for a `config.model` that the modules would reject at init."""
+  objectives.check_encoder(config)
+  # The decoder adds sin-cos position embeddings of its width (`MaskedAutoencoder`).
+  objectives.check_transformer(config, "model.decoder", sincos=True)
+  ratio = config_lib.get_field(config, "model.mask_ratio")
+  config_lib.check(isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0,
+                   f"config.model.mask_ratio must be in [0, 1), got {ratio}.")
+
+
+def build(config) -> objectives.PerExampleObjective:
+  """ViP-MAE: per-example MSE on the masked patches, the mask drawn from the example's key."""
+  check_model(config)
+  size, p = objectives.image_size(config), config.model.encoder.patch_size
   ratio = float(config.model.mask_ratio)
-  if not 0.0 <= ratio < 1.0:
-    raise ValueError(f"config.model.mask_ratio must be in [0, 1), got {ratio}.")
-  model = MaskedAutoencoder(encoder=dict(config.model.encoder),
-                            decoder=dict(config.model.decoder), dtype=jnp.dtype(config.model.dtype))
+  model = MaskedAutoencoder(encoder=dict(config.model.encoder), decoder=dict(config.model.decoder),
+                            dtype=objectives.model_dtype(config))
   num_patches = (size // p) ** 2
   visible = num_visible(num_patches, ratio)
   norm_pix = bool(config.model.get("norm_pix_loss", False))
@@ -63,6 +73,7 @@ def build(config) -> Objective:
     target = patchify(example["image"][None], p)[0]
     return masked_patch_loss(pred, target, keep, norm_pix)
 
-  return Objective(name="vip_mae", init=init, per_example_loss=per_example_loss,
-                   prepare=prepare, example_spec=spec, model=model,
-                   encode=vit_features(config.model.encoder, model.dtype), image_size=size)
+  return objectives.PerExampleObjective(
+      name="vip_mae", init=init, per_example_loss=per_example_loss, prepare=prepare,
+      example_spec=spec, model=model, encode=vit_features(config.model.encoder, model.dtype),
+      image_size=size)

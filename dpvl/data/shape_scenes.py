@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 
+from dpvl import config as config_lib
 from dpvl.data import generated
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")  # index = label
@@ -135,7 +136,8 @@ class ShapeScenes(generated.GeneratedSource):
                max_objects: int = 2):
     super().__init__(num_records, image_size, seed)
     if not 1 <= max_objects <= len(POSITIONS):
-      raise ValueError(f"max_objects must be in [1, {len(POSITIONS)}], got {max_objects}.")
+      raise config_lib.ConfigError(f"max_objects (data.max_objects) must be in "
+                                   f"[1, {len(POSITIONS)}], got {max_objects}.")
     self._max_objects = int(max_objects)
 
   def record(self, index: int) -> dict:

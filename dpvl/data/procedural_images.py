@@ -20,7 +20,8 @@ def _palette(rng: np.random.Generator):
   return lambda t: np.clip(a + b * np.cos(2 * np.pi * (c * t[..., None] + d)), 0.0, 1.0)
 
 
-def _field(pattern: str, rng: np.random.Generator, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _scalar_field(pattern: str, rng: np.random.Generator, y: np.ndarray,
+                  x: np.ndarray) -> np.ndarray:
   """A scalar field in [0, 1] on the grid (y, x in [-1, 1])."""
   freq = rng.uniform(1.0, 12.0)
   if pattern == "grating":
@@ -57,7 +58,7 @@ def render(seed: int, index: int, image_size: int) -> np.ndarray:
   weights = rng.dirichlet(np.ones(int(rng.integers(1, 4))))
   for w in weights:
     pattern = PATTERNS[rng.integers(len(PATTERNS))]
-    image += w * _palette(rng)(_field(pattern, rng, y, x))
+    image += w * _palette(rng)(_scalar_field(pattern, rng, y, x))
   if rng.random() < 0.5:  # a hard-edged shape on top
     cy, cx, r = *rng.uniform(-0.6, 0.6, 2), rng.uniform(0.15, 0.5)
     mask = (np.abs(y - cy) <= r) & (np.abs(x - cx) <= r) if rng.random() < 0.5 else (
