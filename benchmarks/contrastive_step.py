@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from dp_overhead import _load_config, _time  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dpvl import optim
 from dpvl import train  # pylint: disable=wrong-import-position
 from dpvl.data import sources  # pylint: disable=wrong-import-position
 from dpvl.objectives import build_objective  # pylint: disable=wrong-import-position
@@ -56,7 +57,7 @@ def main():
     config.model.embed_dim = dim
     objective = build_objective(config)
     params = objective.init(jax.random.key(0))
-    optimizer = train.make_optimizer(config.optimizer, 100)
+    optimizer = optim.make_optimizer(optim.settings(config), 100)
     state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
     runs = {"non-private": ("logit_dp", False, args.microbatch, "exact"),
             "per_batch": ("per_batch", True, args.group_size, "exact"),
@@ -65,10 +66,11 @@ def main():
     base = None
     for name, (mechanism, enabled, cols, how) in runs.items():
       config.privacy.mechanism = mechanism
+      config.privacy.pair_norms = how
       plan = dataclasses.replace(plan_lib.build_plan(config), enabled=enabled)
       rows = args.batch // cols
       batch, mask = _batch(objective, source, rows, cols), jnp.ones((rows, cols), bool)
-      step = jax.jit(train.make_train_step(train.gradient_fn(objective, plan, how), optimizer,
+      step = jax.jit(train.make_train_step(plan.mechanism.gradient(objective), optimizer,
                                            plan))
       seconds = _time(step, state, batch, mask, jax.random.key(1), jax.random.key(2),
                       repeats=args.repeats)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dpvl.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dpvl.objectives import build_objective  # pylint: disable=wrong-import-position
 from dpvl.privacy import plan as plan_lib  # pylint: disable=wrong-import-position
+from dpvl import optim
 from dpvl import train  # pylint: disable=wrong-import-position
 
 
@@ -71,8 +72,8 @@ def main():
     for enabled in (False, True):
       plan = dataclasses.replace(base_plan, enabled=enabled, expected_batch_size=batch_size,
                                  num_microbatches=num_micro)
-      optimizer = train.make_optimizer(config.optimizer, 100)
-      step = jax.jit(train.make_train_step(train.gradient_fn(objective, plan), optimizer, plan))
+      optimizer = optim.make_optimizer(optim.settings(config), 100)
+      step = jax.jit(train.make_train_step(plan.mechanism.gradient(objective), optimizer, plan))
       state = dict(params=params, opt_state=optimizer.init(params),
                    step=jnp.zeros((), jnp.int32))
       keys = (jax.random.key(1), jax.random.key(2))

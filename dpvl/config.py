@@ -4,6 +4,7 @@ Every check of a config raises `ConfigError` with one sentence naming the field,
 data is read or any device is touched.
 """
 
+import dataclasses
 from typing import Any
 
 
@@ -40,3 +41,34 @@ def check(ok: bool, message: str) -> None:
   """Raises ConfigError(message) unless `ok`."""
   if not ok:
     raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """The loop's own settings, checked; none of them changes the privacy guarantee."""
+
+  seed: int                 # parameter init and per-example randomness (public)
+  log_every: int            # steps between metrics rows (and ledger writes)
+  checkpoint_every: int     # steps between checkpoints
+  init_from: str            # workdir of a non-private run to start from ("" for none)
+  max_skip_fraction: float  # stop when far more records than this cannot be used
+  data_workers: int         # processes decoding records (0: threads only)
+
+
+def training(config) -> Training:
+  """Reads and checks the loop's fields of `config`; ConfigError naming the field if wrong."""
+  field = lambda name, *default: get_field(config, name, *default)
+  t = Training(seed=field("seed"), log_every=field("log_every"),
+               checkpoint_every=field("checkpoint_every"), init_from=field("init_from", "") or "",
+               max_skip_fraction=float(field("data.max_skip_fraction", 0.05)),
+               data_workers=field("data.workers", 0))
+  check(isinstance(t.seed, int), f"config.seed must be an integer, got {t.seed!r}.")
+  for name in ("log_every", "checkpoint_every"):
+    value = getattr(t, name)
+    check(isinstance(value, int) and value > 0,
+          f"config.{name} must be a positive integer, got {value!r}.")
+  check(0 <= t.max_skip_fraction <= 1,
+        f"config.data.max_skip_fraction must be in [0, 1], got {t.max_skip_fraction}.")
+  check(isinstance(t.data_workers, int) and t.data_workers >= 0,
+        f"config.data.workers must be an integer >= 0, got {t.data_workers!r}.")
+  return t

@@ -20,10 +20,9 @@ from ml_collections import config_flags
 
 from dpvl import config as config_lib
 from dpvl import lock as lock_lib
-from dpvl import objectives
 from dpvl import train
 from dpvl.data import errors as data_errors
-from dpvl.data import sources
+from dpvl.evaluate import checkpoint as eval_checkpoint
 from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
 
@@ -37,22 +36,6 @@ _FORCE = flags.DEFINE_bool("force_resume", False,
 _RESTART = flags.DEFINE_bool(
     "force_restart", False, "Start over in a workdir whose checkpoints are lost; the ledger "
     "keeps the steps its privacy.json accounts for.")
-
-
-def check_config(config) -> None:
-  """Checks the parts of the config that the privacy plan does not; raises ConfigError."""
-  name = config_lib.get_field(config, "objective")
-  if name not in objectives.REGISTRY:
-    raise config_lib.ConfigError(f"config.objective={name!r} is unknown; choose one of "
-                               f"{sorted(objectives.REGISTRY)}.")
-  source = config_lib.get_field(config, "data.source")
-  if source not in sources.REGISTRY:
-    raise config_lib.ConfigError(f"config.data.source={source!r} is unknown; choose one of "
-                               f"{sorted(sources.REGISTRY)}.")
-  for field in ("seed", "log_every", "checkpoint_every", "optimizer.learning_rate",
-                "optimizer.warmup_steps", "optimizer.b1", "optimizer.b2",
-                "optimizer.weight_decay"):
-    config_lib.get_field(config, field)
 
 
 def _fail(message: str):
@@ -105,7 +88,7 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except  # a missing or broken config file
     _fail(_config_error(e))
   try:
-    check_config(config)
+    train.check_settings(config)
     if _MODE.value == "account":
       if config_lib.get_field(config, "privacy.noise_multiplier", None) is None:
         print("calibrating the noise multiplier to the target epsilon...", file=sys.stderr)
@@ -114,7 +97,7 @@ def main(argv):
     if not _WORKDIR.value:
       raise config_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}.")
     if _MODE.value == "eval":
-      print(json.dumps(train.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
+      print(json.dumps(eval_checkpoint.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
       return
     entry = train.run(config, _WORKDIR.value, force_resume=_FORCE.value,
                       force_restart=_RESTART.value)

@@ -37,3 +37,14 @@ class MetricsWriter:
 
   def close(self) -> None:
     self._tensorboard.close()
+
+
+def last_training_row(workdir: str) -> dict:
+  """The last training row (one with a `loss`) of `workdir`'s metrics.jsonl ({} if none): the
+  last step whose metrics were released."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return next((r for r in reversed(rows) if "loss" in r), {})

@@ -1,5 +1,9 @@
 """The training loop: Poisson batches -> private step -> metrics -> ledger -> checkpoint.
 
+`run` reads top to bottom in sections: checks (everything a config or a path can get wrong,
+before any compute), plan (the ledger so far decides the secrets, the segment and the plan),
+state (restore or init), step, data, evals, loop, finish.
+
 Workdir layout:
   config.json      the resolved config (without privacy.seed)
   privacy.json     the ledger: the plan, steps done, epsilon spent (rewritten as the run goes)
@@ -8,34 +12,32 @@ Workdir layout:
   checkpoints/     orbax: train state, the run's secrets, ledger
 """
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
+from dpvl import config as config_lib
 from dpvl import evaluate
 from dpvl import jsonfile
 from dpvl import lock as lock_lib
 from dpvl import metrics as metrics_lib
+from dpvl import objectives
+from dpvl import optim
 from dpvl import stopping
 from dpvl.data import errors as data_errors
 from dpvl.data import loader as loader_lib
 from dpvl.data import sources
-from dpvl.objectives import build_objective
-from dpvl.privacy import contrastive
-from dpvl.privacy import dpsgd
+from dpvl.data import stream as stream_lib
+from dpvl.parallel import mesh as mesh_lib
 from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import provenance
@@ -43,42 +45,90 @@ from dpvl.privacy import sampling
 from dpvl.privacy import secrets as secrets_lib
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and cosine decay; no weight decay on biases and norms."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=opt_cfg.warmup_steps,
-      decay_steps=max(total_steps, opt_cfg.warmup_steps + 1), end_value=0.0)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
-                     weight_decay=opt_cfg.weight_decay, mask=decay_mask)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the checks produce: every setting of the run, checked, and what it was built from."""
+
+  training: config_lib.Training
+  optimizer: optim.Settings
+  plan: plan_lib.PrivacyPlan
+  objective: objectives.Objective
+  source: object
+  mesh: jax.sharding.Mesh
+  gradient: Callable
 
 
-def gradient_fn(objective, plan: plan_lib.PrivacyPlan, pair_norms: str = "exact"):
-  """The private gradient of the plan's mechanism for `objective`:
-  (params, batch, mask, rngs, noise_key, *, clip_norm, noise_std, expected_batch_size, enabled)
-  -> (gradient estimate, metrics). `pair_norms` is Logit-DP's speed/memory knob."""
-  if plan.mechanism == "per_example":
-    if objective.per_example_loss is None:
-      raise config_lib.ConfigError(
-          f"objective {objective.name!r} has a batch-coupled loss that per-example clipping "
-          f"does not make private; set config.privacy.mechanism to one of "
-          f"{contrastive.MECHANISMS}.")
-    return functools.partial(dpsgd.private_gradient, objective.per_example_loss)
-  if objective.dual_encoder is None:
-    raise config_lib.ConfigError(
-        f"config.privacy.mechanism={plan.mechanism!r} is for contrastive objectives; objective "
-        f"{objective.name!r} has a per-example loss: use 'per_example'.")
-  if pair_norms not in contrastive.PAIR_NORMS:
-    raise config_lib.ConfigError(f"config.privacy.pair_norms={pair_norms!r} is unknown; choose "
-                               f"one of {contrastive.PAIR_NORMS}.")
-  return functools.partial(contrastive.GRADIENTS[plan.mechanism], objective.dual_encoder,
-                           pair_norms_how=pair_norms)
+def check_settings(config) -> tuple[config_lib.Training, optim.Settings]:
+  """The checks that read the config only (no data, no device, no calibration).
+
+  Returns:
+    The loop's and the optimizer's settings; ConfigError naming the field otherwise. The names
+    of the objective and the data source are checked too.
+  """
+  training = config_lib.training(config)
+  optimizer = optim.settings(config)
+  objectives.REGISTRY.lookup(config_lib.get_field(config, "objective"))
+  sources.REGISTRY.lookup(config_lib.get_field(config, "data.source"), field="config.data.source")
+  return training, optimizer
+
+
+def check(config, workdir: str) -> Setup:
+  """Checks everything a config or a path can get wrong, cheapest first, before any compute.
+
+  Args:
+    config: the run's config.
+    workdir: the run directory.
+
+  Returns:
+    The checked setup; ConfigError with one sentence naming the field or path otherwise.
+  """
+  _check_workdir(workdir)
+  training, optimizer = check_settings(config)
+  source = sources.build_source(config.data)  # a wrong path or index, a bad model field fail
+  objective = objectives.build_objective(config)  # here, before the calibration of sigma
+  plan = plan_lib.build_plan(config)
+  config_lib.check(len(source) == plan.dataset_size,
+                   f"config.data.size={plan.dataset_size} but the source holds {len(source)} "
+                   "records.")
+  gradient = plan.mechanism.gradient(objective)
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_microbatch_size(mesh, plan.microbatch_size)
+  return Setup(training, optimizer, plan, objective, source, mesh, gradient)
+
+
+def _check_workdir(workdir: str) -> None:
+  """ConfigError unless `workdir` is, or can be made, a writable directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory.")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"--workdir={workdir} cannot be written ({existing} is not "
+                                 "writable).")
+
+
+def _redacted(tree: dict) -> dict:
+  """The config tree as config.json holds it: without `privacy.seed` (a secret)."""
+  if tree.get("privacy", {}).get("seed") is not None:
+    tree["privacy"]["seed"] = None
+  return tree
+
+
+def _duration(seconds: float) -> str:
+  return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
+
+
+def init_state(objective, optimizer: optax.GradientTransformation, seed: int) -> dict:
+  """The train state before the first step: params, optimizer state, step 0."""
+  params = objective.init(jax.random.key(seed))
+  return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
 def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
   """Returns step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted.
 
-  `gradient` is `gradient_fn(objective, plan)`; `noise_key` is this step's own noise key
+  `gradient` is `plan.mechanism.gradient(objective)`; `noise_key` is this step's own noise key
   (`secrets.RunSecrets.noise_key`), `example_key` the public key of per-example randomness.
   """
 
@@ -96,392 +146,228 @@ def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
   return step
 
 
-def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
-  """Runs `config.evals` on the parameters of `workdir`'s checkpoint at `step` (default: the
-  latest); appends the row (marked `"standalone": true`) to its metrics and returns it."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and do not create it
-    raise config_lib.ConfigError(f"{workdir} holds no checkpoint.")
-  try:
-    objective = build_objective(config)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  evaluators = evaluate.build_evaluators(config, objective)
-  if not evaluators:
-    raise config_lib.ConfigError("config.evals names no evaluator.")
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  step = ckpt.latest_step() if step is None else step
-  if step is None or step not in ckpt.all_steps():
-    raise config_lib.ConfigError(f"{workdir} holds no checkpoint"
-                               + ("" if step is None else f" at step {step}") + ".")
-  params = ckpt.restore_state_arrays(step)["params"]
-  ckpt.close()
-  if not provenance.same_model(params, jax.eval_shape(objective.init, jax.random.key(0))):
-    raise config_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "
-                               "config.model.")
-  row = dict(step=step, standalone=True)
-  for evaluator in evaluators:
+def select_and_load(sampler: sampling.PoissonSampler, plan: plan_lib.PrivacyPlan,
+                    group_salt: int, loader: loader_lib.BatchLoader, step: int):
+  """Step `step`'s selection, laid out by the plan's mechanism, and this host's share of it."""
+  selection = plan.mechanism.arrange(sampler.select(step), salt=group_salt, step=step,
+                                     microbatch_size=plan.microbatch_size)
+  return selection, loader.load(selection)
+
+
+def save(ckpt: checkpoint_lib.Checkpointer, ledger: ledger_lib.Ledger, state,
+         run_secrets: secrets_lib.RunSecrets, step: int, status: str) -> dict:
+  """Writes the ledger up to `step`, then the checkpoint (unless `step` is saved already).
+
+  The ledger goes first: it covers what the save releases. Returns the ledger entry.
+  """
+  ledger.advance(step)
+  entry = ledger.write(status)
+  if ckpt.latest_step() != step:
+    ckpt.save(step, state, dict(secrets=run_secrets.hex(), ledger=entry))
+  return entry
+
+
+def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib.MetricsWriter,
+              log) -> None:
+  """Runs the evaluators due at `step` on `params` and writes their row."""
+  due = [e for e in evaluators if evaluate.is_due(e, step, last_step)]
+  if not due:
+    return
+  t = time.time()
+  row = dict(step=step)
+  for evaluator in due:
     row.update(evaluator(params))
-  writer = metrics_lib.MetricsWriter(workdir)
+  row["eval_seconds"] = round(time.time() - t, 3)
   writer.write(row)
-  writer.close()
+  log(f"eval   {step:>6}/{last_step}  " + "  ".join(
+      f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "eval_seconds")))
+
+
+def metrics_row(step: int, step_metrics: list[dict], epsilon: float | None, *, seconds: float,
+                data_wait: float, truncated: int, skipped: dict, replayed: bool) -> dict:
+  """The metrics.jsonl row of a logged step, from the host copies of the steps' metrics since
+  the last row (the loss is their mean, the other statistics the last step's)."""
+  last = step_metrics[-1]
+  row = dict(step=step, loss=float(np.mean([m["loss"] for m in step_metrics])), epsilon=epsilon,
+             examples=int(last["examples"]), seconds=round(seconds, 3),
+             data_wait_seconds=round(data_wait, 3), truncated=truncated, skipped=dict(skipped),
+             **{k: float(last[k]) for k in ("clipped_fraction", "grad_norm_mean") if k in last})
+  if replayed:
+    row["replayed"] = True  # its step was released before the resume
   return row
 
 
-def _mesh():
-  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-
-
-def _restored_secrets(meta: dict, workdir: str) -> secrets_lib.RunSecrets:
-  if "secrets" not in meta:
-    raise ledger_lib.ResumeError(
-        f"the checkpoint in {workdir} holds a seed from an earlier dpvl whose noise key kept "
-        "only 32 bits of it; it cannot be resumed safely. Use a new --workdir.")
-  return secrets_lib.RunSecrets.from_hex(meta["secrets"])
-
-
-def _redacted(tree: dict) -> dict:
-  """The config tree as config.json holds it: without `privacy.seed` (a secret)."""
-  if tree.get("privacy", {}).get("seed") is not None:
-    tree["privacy"]["seed"] = None
-  return tree
-
-
-def _check_workdir(workdir: str) -> None:
-  """ConfigError unless `workdir` is, or can be made, a writable directory."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory.")
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.access(existing, os.W_OK | os.X_OK):
-    raise config_lib.ConfigError(f"--workdir={workdir} cannot be written ({existing} is not "
-                               "writable).")
-
-
-def _last_training_row(workdir: str) -> dict:
-  """The last training row of metrics.jsonl ({} if none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  return next((r for r in reversed(rows) if "loss" in r), {})
-
-
-def _duration(seconds: float) -> str:
-  return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
-
-
-def _spent_without_checkpoint(workdir: str, on_disk: dict | None, force_restart: bool,
-                              log) -> tuple[ledger_lib.Record, ...]:
-  """The ledger records of a workdir without a checkpoint: () if it spent nothing. Its spending
-  is never forgotten: a restart is refused unless `force_restart`, which composes it."""
-  if on_disk is None:
-    shown = _last_training_row(workdir).get("step", 0)
-    if shown:
-      raise ledger_lib.ResumeError(
-          f"{workdir} has no checkpoint and no privacy.json, but its metrics.jsonl shows {shown} "
-          "steps trained, whose spending cannot be accounted; restore the checkpoints or "
-          "privacy.json, or use a new --workdir.")
-    return ()
-  spent = ledger_lib.accounted_steps(on_disk)
-  if spent == 0:
-    return ()
-  if not force_restart:
-    raise ledger_lib.ResumeError(
-        f"{workdir} has no checkpoint to resume from, but its ledger (privacy.json) accounts "
-        f"for {spent} steps (epsilon {on_disk.get('epsilon_spent')}) that starting over would "
-        "forget; restore the checkpoints, use a new --workdir, or pass --force_restart to start "
-        "over with that spending composed into the new ledger.")
-  log(f"--force_restart: starting over; the {spent} steps in privacy.json (epsilon "
-      f"{on_disk.get('epsilon_spent')}) stay in the ledger.")
-  return tuple(ledger_lib.records_of(on_disk))
+def final_status(final: int, plan: plan_lib.PrivacyPlan, signal_name: str | None, log) -> str:
+  """The ledger status of a run that stopped after step `final`, said in one line."""
+  if final < plan.steps:
+    log(f"{signal_name}: stopped after step {final} with a checkpoint; re-run the command to "
+        "go on.")
+    return "interrupted"
+  if final < plan.configured_steps:
+    log(f"privacy budget reached: stopping after {final} of {plan.configured_steps} steps; the "
+        f"next step would exceed target epsilon {plan.target_epsilon}. Checkpoint saved.")
+    return "budget_exhausted"
+  return "completed"
 
 
 def run(config, workdir: str, force_resume: bool = False, force_restart: bool = False,
-        log=print) -> dict:
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint. Returns the ledger.
+        log=print, after_step: Callable[[int], None] | None = None) -> dict:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint.
 
-  `force_resume`: go on under a changed privacy plan (a new ledger segment). `force_restart`:
-  start over in a workdir whose ledger has spent steps but whose checkpoints are lost, with
-  that spending composed into the new ledger.
+  Args:
+    config: the run's config.
+    workdir: the run directory (created if needed; locked while the run holds it).
+    force_resume: go on under a changed privacy plan (a new ledger segment composes both).
+    force_restart: start over in a workdir whose ledger has spent steps but whose checkpoints
+      are lost, with that spending composed into the new ledger.
+    log: where the one-line progress and status messages go.
+    after_step: called with the global step after each step's metrics and ledger are written,
+      before its checkpoint (tests inject faults here).
+
+  Returns:
+    The final ledger entry (as in privacy.json).
   """
-  _check_workdir(workdir)
-  try:  # the data first: a wrong path or index fails here, before any slow step
-    source = sources.build_source(config.data)
-  except ValueError as e:
-    raise config_lib.ConfigError(str(e)) from None
-  plan = plan_lib.build_plan(config)
-  try:
-    objective = build_objective(config)
-  except ValueError as e:  # bad model or tokenizer fields: one sentence, no traceback
-    raise config_lib.ConfigError(str(e)) from None
-  if len(source) != plan.dataset_size:
-    raise config_lib.ConfigError(
-        f"config.data.size={plan.dataset_size} but the source holds {len(source)} records.")
-  gradient = gradient_fn(objective, plan, config_lib.get_field(config, "privacy.pair_norms",
-                                                             "exact"))
-  mesh = _mesh()
-  if plan.microbatch_size % mesh.size:
-    raise config_lib.ConfigError(
-        f"config.batch.microbatch_size={plan.microbatch_size} must be divisible by the "
-        f"{mesh.size} devices of the data axis.")
-  evaluators = evaluate.build_evaluators(config, objective)  # loads their data: after the checks
-
-  max_skip = float(config_lib.get_field(config, "data.max_skip_fraction", 0.05))
-  if not 0 <= max_skip <= 1:
-    raise config_lib.ConfigError(f"config.data.max_skip_fraction must be in [0, 1], got "
-                               f"{max_skip}.")
+  # --- Checks: nothing below can fail on a config or a path. --------------------------------
+  setup = check(config, workdir)
+  evaluators = evaluate.build_evaluators(config, setup.objective)  # loads their data
   os.makedirs(workdir, exist_ok=True)
   with lock_lib.WorkdirLock(workdir, log), stopping.StopRequests(log) as stop:
-    return _train(config, workdir, plan, objective, source, gradient, mesh, evaluators,
-                  max_skip, force_resume, force_restart, stop, log)
+    return _train(config, workdir, setup, evaluators, force_resume, force_restart, stop, log,
+                  after_step or (lambda step: None))
 
 
-def _train(config, workdir, plan, objective, source, gradient, mesh, evaluators, max_skip,
-           force_resume, force_restart, stop, log) -> dict:
-  """`run` once its cheap checks passed and it holds the workdir."""
-  optimizer = make_optimizer(config.optimizer, plan.configured_steps)
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(None, "data"))
-
-  def init_state():
-    params = objective.init(jax.random.key(config.seed))
-    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-
-  abstract = jax.eval_shape(init_state)
+def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
+           force_restart: bool, stop: stopping.StopRequests, log, after_step) -> dict:
+  """`run` once its checks passed and it holds the workdir."""
+  training, plan, objective = setup.training, setup.plan, setup.objective
+  optimizer = optim.make_optimizer(setup.optimizer, plan.configured_steps)
+  replicated = mesh_lib.replicated(setup.mesh)
+  init = functools.partial(init_state, objective, optimizer, training.seed)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          abstract)
+                          jax.eval_shape(init))
 
-  # The ledger so far, from the checkpoint and privacy.json; never from the config.
+  # --- Plan: the checkpoint and the ledger decide the secrets, the segment and the plan. -----
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  ledger_path = os.path.join(workdir, "privacy.json")
-  config_path = os.path.join(workdir, "config.json")
-  computation = ledger_lib.computation_fingerprint(config)
-  test_seed = config_lib.get_field(config, "privacy.seed", None)
-  intact = ckpt.newest_intact(abstract, os.path.join(workdir, "unrestorable_checkpoints"), log)
-  checkpoint_step = None if intact is None else intact[0]
-  on_disk = ledger_lib.read(ledger_path)
-  if checkpoint_step is None:
-    earlier = _spent_without_checkpoint(workdir, on_disk, force_restart, log)
-    if test_seed is None:
-      run_secrets = secrets_lib.RunSecrets.draw()
-    else:
-      run_secrets = secrets_lib.RunSecrets.from_test_seed(test_seed)
-      log("config.privacy.seed is set: whoever knows it can reproduce the sampling and the "
-          "noise, so the run is private only against those who do not (for tests).")
-    meta = dict(secrets=run_secrets.hex())
-    header = dict(run_id=run_secrets.run_id,
-                  secrets="os" if test_seed is None else "config.privacy.seed")
-    resumed = ledger_lib.Resume(earlier, 0, 0)
-    if earlier:
-      header["earlier_runs"] = [on_disk.get("run_id"), *on_disk.get("earlier_runs", [])]
-      plan = plan_lib.build_plan(config, [r.segment for r in earlier])
-    init_from = config_lib.get_field(config, "init_from", None)
-    if init_from:  # checked before anything is written
-      warm_params, header["init_from"] = provenance.load_warm_start(
-          init_from, abstract["params"], config.data)
-      log(f"parameters from {init_from} (stage 1: non-private, on public "
-          f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
-  else:
-    if force_restart:
-      raise ledger_lib.ResumeError(f"--force_restart: {workdir} has a checkpoint at step "
-                                   f"{checkpoint_step}; re-run without it to resume.")
-    _, state, meta = intact
-    run_secrets = _restored_secrets(meta, workdir)
-    entry = ledger_lib.latest(meta["ledger"], on_disk)
-    header = {k: entry[k] for k in ledger_lib.HEADER_FIELDS if k in entry}
-    records = ledger_lib.records_of(entry)
-    shown = _last_training_row(workdir).get("step", 0)
-    if shown > records[-1].end:  # privacy.json lost or behind: the metrics show what was released
-      log(f"metrics.jsonl shows step {shown}, after the ledger's step {records[-1].end}: the "
-          "ledger counts up to it.")
-      last = records[-1]
-      records[-1] = dataclasses.replace(
-          last, segment=last.segment.replace(steps=shown - last.start))
-    if records[-1].plan == plan.fingerprint():
-      went_on = plan_lib.build_plan(config, [r.segment for r in records[:-1]], records[-1].start)
-      if checkpoint_step >= went_on.steps:
-        spent = entry["epsilon_spent"]
-        log(f"the run in {workdir} is complete ({entry['status']}, {entry['steps_done']} "
-            f"steps, epsilon {'inf' if spent is None else f'{spent:.4g}'}); nothing to do.")
-        ckpt.close()
-        return entry
-    if test_seed is not None and (secrets_lib.RunSecrets.from_test_seed(test_seed).run_id
-                                  != run_secrets.run_id):
-      log("config.privacy.seed differs from the seed this run started with; the run keeps "
-          "its own secrets.")
-    resumed = ledger_lib.resume(records, checkpoint_step, plan.fingerprint(), computation,
-                                force_resume)
-    plan = plan_lib.build_plan(config, [r.segment for r in resumed.closed], resumed.start)
-    if len(resumed.closed) == len(records):  # a new segment
-      last = records[-1]
-      changes = ledger_lib.plan_changes(last.plan, plan.fingerprint())
-      if not changes and os.path.exists(config_path):
-        with open(config_path) as f:
-          changes = ledger_lib.config_changes(ledger_lib.computation_config(json.load(f)),
-                                              ledger_lib.computation_config(
-                                                  ledger_lib.config_tree(config)))
-      log(f"a new ledger segment starts at step {checkpoint_step}: the privacy plan, the "
-          f"config or the platform changed ({', '.join(changes) or 'code or platform'}); "
-          "its sampling and noise are fresh"
-          + (f", and steps {checkpoint_step + 1}..{last.end}, released before, stay in the "
-             "ledger." if resumed.abandoned() else "."))
-
-  jsonfile.write_atomic(config_path, _redacted(ledger_lib.config_tree(config)))
+  restored = ckpt.newest_intact(abstract, os.path.join(workdir, "unrestorable_checkpoints"), log)
+  opening = ledger_lib.open_run(
+      config, workdir, plan, None if restored is None else (restored[0], restored[2]),
+      force_resume=force_resume, force_restart=force_restart, log=log)
+  if opening.complete is not None:
+    ckpt.close()
+    return opening.complete
+  plan, header = opening.plan, dict(opening.header)
+  if restored is None and training.init_from:  # checked before anything is written
+    warm_params, header["init_from"] = provenance.load_warm_start(
+        training.init_from, abstract["params"], config.data)
+    log(f"parameters from {training.init_from} (stage 1: non-private, on public "
+        f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
+  jsonfile.write_atomic(os.path.join(workdir, "config.json"),
+                        _redacted(ledger_lib.config_tree(config)))
   header["data"] = provenance.data_provenance(config.data)
-  ledger = ledger_lib.Ledger(ledger_path, plan, resumed, computation, header)
-  if checkpoint_step is None:
-    state = jax.jit(init_state, out_shardings=replicated)()
+  ledger = ledger_lib.Ledger(os.path.join(workdir, "privacy.json"), plan, opening.resumed,
+                             ledger_lib.computation_fingerprint(config), header)
+
+  # --- State: restored, or initialised (and warm-started). ---------------------------------
+  if restored is None:
+    state = jax.jit(init, out_shardings=replicated)()
     if "init_from" in header:
       state = dict(state, params=jax.device_put(warm_params, replicated))
-    start = 0
+    save(ckpt, ledger, state, opening.secrets, 0, "running")  # the secrets are fixed from here
   else:
-    start = int(state["step"])
-    log(f"resumed from step {start} in {workdir}")
+    state = restored[1]
+    log(f"resumed from step {int(state['step'])} in {workdir}")
+  start = int(state["step"])
 
-  def save(step: int, status: str):
-    ledger.advance(step)
-    meta["ledger"] = ledger.write(status)  # the ledger first: it covers what the save releases
-    if ckpt.latest_step() != step:
-      ckpt.save(step, state, meta)
+  # --- Step: the private step, jitted; its noise key is this segment's key of the step. ------
+  train_step = jax.jit(make_train_step(setup.gradient, optimizer, plan), donate_argnums=0)
+  segment = opening.resumed.segment_index  # keys the segment's sampling, noise and groups
+  example_key = jax.random.key(training.seed)
+  batch_sharding = mesh_lib.batch_sharding(setup.mesh)
 
-  if checkpoint_step is None:
-    save(0, "running")  # the secrets are fixed from the first step on
-
-  segment = resumed.segment_index  # keys the segment's sampling, noise and groups
+  # --- Data: the segment's Poisson sampler; each host loads its share, a step ahead. --------
   sampler = sampling.PoissonSampler(plan.dataset_size, plan.sampling_rate, plan.capacity,
-                                    run_secrets.sampler_seed(segment))
-  group_salt = run_secrets.group_salt(segment)
-  example_key = jax.random.key(config.seed)
-  loader = loader_lib.BatchLoader(source, objective.prepare, objective.example_spec,
+                                    opening.secrets.sampler_seed(segment))
+  loader = loader_lib.BatchLoader(setup.source, objective.prepare, objective.example_spec,
                                   plan.num_microbatches, plan.microbatch_size,
-                                  processes=config_lib.get_field(config, "data.workers", 0),
-                                  host=jax.process_index(), num_hosts=jax.process_count())
-  train_step = jax.jit(make_train_step(gradient, optimizer, plan), donate_argnums=0)
+                                  processes=training.data_workers, host=jax.process_index(),
+                                  num_hosts=jax.process_count())
+  stream = stream_lib.BatchStream(
+      functools.partial(select_and_load, sampler, plan, opening.secrets.group_salt(segment),
+                        loader), start, plan.steps)
+  skips = data_errors.SkipMonitor(training.log_every, training.max_skip_fraction)
 
+  # --- Evals and metrics. -------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir)
-
-  def run_evals(step: int):
-    due = [e for e in evaluators if evaluate.is_due(e, step, plan.steps)]
-    if not due:
-      return
-    t = time.time()
-    row = dict(step=step)
-    for evaluator in due:
-      row.update(evaluator(state["params"]))
-    row["eval_seconds"] = round(time.time() - t, 3)
-    writer.write(row)
-    log(f"eval   {step:>6}/{plan.steps}  " + "  ".join(
-        f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "eval_seconds")))
-
   log(f"{'private' if plan.enabled else 'NON-PRIVATE'} run: N={plan.dataset_size} "
       f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} C={plan.clip_norm} "
-      f"mechanism={plan.mechanism} sensitivity={plan.sensitivity:.4g} "
+      f"mechanism={plan.mechanism.name} sensitivity={plan.sensitivity:.4g} "
       f"steps={plan.steps} capacity={plan.capacity} "
       f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
       f"planned epsilon={ledger.summary['epsilon_planned']}")
-
-  def fetch(step):
-    selection = sampler.select(step)
-    if plan.mechanism == "per_batch":  # micro-batch g holds hash group g
-      selection = contrastive.hash_groups(selection, group_salt, step,
-                                          plan.num_microbatches, plan.microbatch_size)
-    return selection, loader.load(selection)
-
-  # Each host loads only its share (the columns its devices hold): assemble the global batch.
-  to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
-  prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-  released = _last_training_row(workdir)  # rows of steps after `start` are replayed
+  if start == 0 < plan.steps:
+    run_evals(evaluators, state["params"], 0, plan.steps, writer, log)  # the baseline
+  released = metrics_lib.last_training_row(workdir)  # rows of steps after `start` are replayed
   t0 = time.time() - released.get("seconds", 0.0)  # `seconds` goes on across resumes
   t_start = time.time()
-  skipped_total, truncated_total, data_wait = {}, 0, 0.0
-  pending = prefetcher.submit(fetch, start) if start < plan.steps else None
-  if start == 0 < plan.steps:
-    run_evals(0)  # the untrained (or warm-started) encoder: the baseline of every eval
-  window = []
-  recent = collections.deque(maxlen=config.log_every)  # (drawn, skipped) of the last batches
-  for step in range(start, plan.steps):
-    waited = time.time()
-    selection, batch = pending.result()
-    data_wait += time.time() - waited  # bounds the time the device idled for lack of data
-    if step + 1 < plan.steps:
-      pending = prefetcher.submit(fetch, step + 1)  # host prepares step+1 while device runs
-    truncated_total += selection.truncated
-    for reason, count in batch.skipped.items():
-      skipped_total[reason] = skipped_total.get(reason, 0) + count
-    recent.append((selection.size, batch.skipped))
-    drawn, skipped = sum(d for d, _ in recent), sum(sum(c.values()) for _, c in recent)
-    if data_errors.too_many_skipped(skipped, drawn, max_skip):  # before the step spends budget
-      prefetcher.shutdown(wait=False, cancel_futures=True)
+  truncated, step_metrics = 0, []
+
+  # --- Loop. --------------------------------------------------------------------------------
+  for step, (selection, batch) in stream:
+    truncated += selection.truncated
+    skips.add(selection.size, batch.skipped)
+    bad_data = skips.too_many()
+    if bad_data:  # before the step spends budget on it
+      stream.close()
       loader.close()
-      save(step, "stopped_bad_data")
+      save(ckpt, ledger, state, opening.secrets, step, "stopped_bad_data")
       ckpt.close()
       writer.close()
-      reasons = sum((c for _, c in recent), collections.Counter())
       raise data_errors.TooManyBadRecords(
-          f"{skipped} of the {drawn} records drawn in the last {len(recent)} steps could not be "
-          f"used ({dict(reasons)}), far more than config.data.max_skip_fraction={max_skip} "
-          f"allows: stopped before step {step + 1} with a checkpoint; check the data "
+          f"{bad_data}: stopped before step {step + 1} with a checkpoint; check the data "
           "(docs/data.md), then re-run the command to go on.")
     state, metrics = train_step(
-        state, jax.tree.map(to_global, batch.examples), to_global(batch.mask), example_key,
-        run_secrets.noise_key(segment, step))
-    window.append(metrics)
+        state, mesh_lib.global_batch(batch_sharding, batch.examples),
+        mesh_lib.global_batch(batch_sharding, batch.mask), example_key,
+        opening.secrets.noise_key(segment, step))
+    step_metrics.append(metrics)
     done = step + 1
     ledger.advance(done)
-    log_due = done % config.log_every == 0 or done == plan.steps
-    checkpoint_due = done % config.checkpoint_every == 0 and done != plan.steps
+    log_due = done % training.log_every == 0 or done == plan.steps
     evals_due = done < plan.steps and any(evaluate.is_due(e, done, plan.steps)
                                           for e in evaluators)
     if log_due or evals_due:
       entry = ledger.write("running")  # before anything of step `done` is released
     if log_due:
-      window = jax.device_get(window)
-      eps = ledger.epsilon()
-      row = dict(step=done, loss=float(np.mean([m["loss"] for m in window])),
-                 epsilon=entry["epsilon_spent"], examples=int(window[-1]["examples"]),
-                 seconds=round(time.time() - t0, 3), data_wait_seconds=round(data_wait, 3),
-                 truncated=truncated_total,
-                 skipped=dict(skipped_total),
-                 **{k: float(window[-1][k]) for k in ("clipped_fraction", "grad_norm_mean")
-                    if k in window[-1]})
-      if done <= released.get("step", 0):
-        row["replayed"] = True  # its step was released before the resume
-      window = []
+      row = metrics_row(done, jax.device_get(step_metrics), entry["epsilon_spent"],
+                        seconds=time.time() - t0, data_wait=stream.wait_seconds,
+                        truncated=truncated, skipped=skips.totals,
+                        replayed=done <= released.get("step", 0))
+      step_metrics = []
       writer.write(row)
       per_step = (time.time() - t_start) / (done - start)
-      log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  epsilon {eps:.4g}  "
-          f"examples {row['examples']}  {row['seconds']:.1f}s  {per_step:.3g} s/step  "
-          f"ETA {_duration(per_step * (plan.steps - done))}")
-    if checkpoint_due:
-      save(done, "running")
+      log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  "
+          f"epsilon {ledger.epsilon():.4g}  examples {row['examples']}  {row['seconds']:.1f}s  "
+          f"{per_step:.3g} s/step  ETA {_duration(per_step * (plan.steps - done))}")
+    after_step(done)
+    if done % training.checkpoint_every == 0 and done != plan.steps:
+      save(ckpt, ledger, state, opening.secrets, done, "running")
     if evals_due:
-      run_evals(done)
+      run_evals(evaluators, state["params"], done, plan.steps, writer, log)
     if stop.requested and done < plan.steps:
       break
 
-  prefetcher.shutdown(wait=False, cancel_futures=True)
+  # --- Finish: the last checkpoint, the final evaluation, one line. ------------------------
+  stream.close()
   loader.close()
   final = int(state["step"])
-  if final < plan.steps:
-    status = "interrupted"
-    log(f"{stop.signal_name}: stopped after step {final} with a checkpoint; re-run the command "
-        "to go on.")
-  elif final < plan.configured_steps:
-    status = "budget_exhausted"
-    log(f"privacy budget reached: stopping after {final} of {plan.configured_steps} steps; the "
-        f"next step would exceed target epsilon {plan.target_epsilon}. Checkpoint saved.")
-  else:
-    status = "completed"
-  save(final, status)
+  status = final_status(final, plan, stop.signal_name, log)
+  entry = save(ckpt, ledger, state, opening.secrets, final, status)
   ckpt.close()
   if start < final and status != "interrupted":
-    run_evals(final)  # after the final checkpoint: an evaluation never costs training work
+    run_evals(evaluators, state["params"], final, plan.steps, writer, log)  # never costs work
   writer.close()
-  if skipped_total:
-    log(f"skipped records: {skipped_total}")
-  entry = meta["ledger"]
+  if skips.totals:
+    log(f"skipped records: {dict(skips.totals)}")
   log(f"done: {final} steps, epsilon {ledger.epsilon():.4g} at delta {plan.delta:.3g} "
       f"({plan.accountant}); ledger {ledger.path}")
   sys.stdout.flush()

@@ -15,6 +15,7 @@ from dpvl.privacy.sampling import Selection
 
 jax.config.update("jax_enable_x64", False)
 
+GRADIENTS = dict(per_batch=contrastive.per_batch_gradient, logit_dp=contrastive.logit_dp_gradient)
 TAU = 0.5
 DIM = 4
 
@@ -56,7 +57,7 @@ def _batch(xs, ys, num_micro, micro):
 
 
 def _clipped_sum(mechanism, model, params, batch, mask, clip_norm, **kw):
-  grad, _ = contrastive.GRADIENTS[mechanism](
+  grad, _ = GRADIENTS[mechanism](
       model, params, batch, mask, None, jax.random.key(0), clip_norm=clip_norm, noise_std=0.0,
       expected_batch_size=1, enabled=True, **kw)
   return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grad)]).astype(np.float64)
@@ -124,7 +125,7 @@ def test_logit_dp_pair_norms_and_clipped_sum_match_brute_force():
   got = _clipped_sum("logit_dp", model, params, batch, mask, clip)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
   for how in contrastive.PAIR_NORMS:  # every clipped pair gradient is at most B
-    g_bound = _clipped_sum("logit_dp", model, params, batch, mask, clip, pair_norms_how=how)
+    g_bound = _clipped_sum("logit_dp", model, params, batch, mask, clip, pair_norm_method=how)
     assert np.linalg.norm(g_bound) <= clip * np.abs(coef).sum() * (1 + 1e-5)
 
 
@@ -149,8 +150,8 @@ def test_logit_dp_without_clipping_is_the_exact_gradient_across_micro_batches():
 
 MARKER = 7.0  # a finite pixel value on which `_fragile_model`'s image tower overflows
 NONFINITE_RUNS = {  # name: (mechanism, keyword arguments)
-    "logit_dp_exact": ("logit_dp", dict(pair_norms_how="exact")),
-    "logit_dp_bound": ("logit_dp", dict(pair_norms_how="bound")),
+    "logit_dp_exact": ("logit_dp", dict(pair_norm_method="exact")),
+    "logit_dp_bound": ("logit_dp", dict(pair_norm_method="bound")),
     "logit_dp_nonprivate": ("logit_dp", dict(enabled=False)),
     "per_batch": ("per_batch", {}),
 }
@@ -175,7 +176,7 @@ def _nonfinite_run(name):
   model, params = _fragile_model(), _toy_params(4)
 
   def run(batch, mask):
-    grad, metrics = contrastive.GRADIENTS[mechanism](
+    grad, metrics = GRADIENTS[mechanism](
         model, params, batch, mask, None, jax.random.key(0), clip_norm=0.3, noise_std=0.0,
         expected_batch_size=1, **kw)
     return jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grad)]), metrics["nonfinite"]

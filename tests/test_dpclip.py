@@ -11,6 +11,7 @@ import pytest
 from conftest import small_dpclip_config
 from dpvl import config as config_lib
 from dpvl import train
+from dpvl.evaluate import checkpoint as eval_checkpoint
 from dpvl.data import sources
 from dpvl.evaluate import retrieval
 from dpvl.objectives import build_objective
@@ -18,6 +19,8 @@ from dpvl.privacy import contrastive
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy.sampling import Selection
 from configs import evals
+
+GRADIENTS = dict(per_batch=contrastive.per_batch_gradient, logit_dp=contrastive.logit_dp_gradient)
 
 
 def test_plans_declare_each_mechanisms_sensitivity_and_scale_the_noise():
@@ -112,7 +115,7 @@ def test_dpclip_trains_with_each_mechanism_and_reports_zero_shot_and_recall(tmp_
   for r in eval_rows:
     assert 0 <= r["zero_shot/top1"] <= 1 and r["zero_shot/chance"] == pytest.approx(1 / 7)
     assert {"retrieval/image_to_text_recall@1", "retrieval/text_to_image_recall@5"} <= set(r)
-  again = train.evaluate_checkpoint(config, str(tmp_path))  # --mode=eval reproduces the row
+  again = eval_checkpoint.evaluate_checkpoint(config, str(tmp_path))  # --mode=eval reproduces the row
   assert again["zero_shot/top1"] == pytest.approx(eval_rows[-1]["zero_shot/top1"])
 
 
@@ -173,9 +176,9 @@ def test_paper_dual_encoder_builds_and_traces_at_full_size(bert_sized_vocab):
   mask = jax.ShapeDtypeStruct((2, 4), bool)
   for mechanism, how in (("per_batch", "exact"), ("logit_dp", "bound")):
     grad, metrics = jax.eval_shape(
-        lambda p, b, m: contrastive.GRADIENTS[mechanism](
+        lambda p, b, m: GRADIENTS[mechanism](
             objective.dual_encoder, p, b, m, None, jax.random.key(0), clip_norm=1.0,
-            noise_std=1.0, expected_batch_size=32_768, pair_norms_how=how),
+            noise_std=1.0, expected_batch_size=32_768, pair_norm_method=how),
         shapes, batch, mask)
     assert jax.tree.map(lambda g: g.shape, grad) == jax.tree.map(lambda s: s.shape, shapes)
     assert metrics["loss"].shape == ()

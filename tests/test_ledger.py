@@ -20,11 +20,11 @@ class _Interrupt(Exception):
 
 
 def _crash_after(step: int):
-  """A log callback that kills the run once step `step`'s metrics are released."""
-  def log(message):
-    if message.startswith(f"step {step:>6}/"):
+  """An `after_step` hook that kills the run once step `step`'s metrics are released."""
+  def after_step(done):
+    if done == step:
       raise _Interrupt()
-  return log
+  return after_step
 
 
 def _quiet(*_):
@@ -64,7 +64,7 @@ def test_plain_resume_after_a_forced_one_keeps_every_segment_and_the_budget(tmp_
   second.privacy.target_epsilon = budget = (eps(5) + eps(6)) / 2  # room for 5 of 6 new steps
 
   with pytest.raises(_Interrupt):  # released step 10; the last checkpoint is step 9
-    train.run(second, workdir, force_resume=True, log=_crash_after(10))
+    train.run(second, workdir, force_resume=True, log=_quiet, after_step=_crash_after(10))
   entry = train.run(second, workdir, log=_quiet)  # the documented way to continue
   assert [(s["start"], s["steps"], s["noise_multiplier"]) for s in entry["segments"]] == [
       (0, 6, 2.0), (6, 5, 0.8)]
@@ -89,7 +89,7 @@ def test_resume_with_a_changed_learning_rate_replays_with_fresh_noise(tmp_path, 
   config = small_dpcap_config()  # 6 steps, checkpoints every 3, metrics every 2
   workdir = str(tmp_path)
   with pytest.raises(_Interrupt):
-    train.run(config, workdir, log=_crash_after(4))
+    train.run(config, workdir, log=_quiet, after_step=_crash_after(4))
   # The ledger was written before step 4's metrics were released; the checkpoint is at step 3.
   assert _ledger(workdir)["steps_done"] == 4 == _metrics(workdir)[-1]["step"]
   assert keys == [(0, step) for step in range(4)]
@@ -114,7 +114,7 @@ def test_lost_checkpoints_never_make_the_ledger_forget(tmp_path):
   workdir = str(tmp_path)
   config = small_dpcap_config()
   with pytest.raises(_Interrupt):  # released 4 steps; the last checkpoint is step 3
-    train.run(config, workdir, log=_crash_after(4))
+    train.run(config, workdir, log=_quiet, after_step=_crash_after(4))
   first = _ledger(workdir)
   shutil.rmtree(tmp_path / "checkpoints")
   before = _files(workdir)

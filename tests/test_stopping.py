@@ -11,17 +11,19 @@ from dpvl import train
 
 
 def _signal_at(step: int, times: int = 1, signum=signal.SIGINT):
-  def log(message):
-    if message.startswith(f"step {step:>6}/"):
+  """An `after_step` hook that sends `signum` to this process `times` times after `step`."""
+  def after_step(done):
+    if done == step:
       for _ in range(times):
         os.kill(os.getpid(), signum)
-  return log
+  return after_step
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, signum):
   config = small_dpcap_config()  # 6 steps, checkpoints every 3
-  entry = train.run(config, str(tmp_path), log=_signal_at(4, signum=signum))
+  entry = train.run(config, str(tmp_path), log=lambda *_: None,
+                    after_step=_signal_at(4, signum=signum))
   assert entry["status"] == "interrupted" and entry["steps_done"] == 4
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"))
   assert ckpt.latest_step() == 4
@@ -36,5 +38,6 @@ def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, signu
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
   with pytest.raises(KeyboardInterrupt):
-    train.run(small_dpcap_config(), str(tmp_path), log=_signal_at(2, times=2))
+    train.run(small_dpcap_config(), str(tmp_path), log=lambda *_: None,
+              after_step=_signal_at(2, times=2))
   assert not os.path.exists(tmp_path / "lock")

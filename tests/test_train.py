@@ -13,6 +13,7 @@ from conftest import small_dpcap_config
 from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import train
+from dpvl.evaluate import checkpoint as eval_checkpoint
 from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import secrets as secrets_lib
@@ -69,12 +70,13 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
   config = small_dpcap_config()
   train.run(config, str(tmp_path / "straight"), log=lambda *_: None)
 
-  def crash_at_step_4(message):
-    if message.startswith("step      4/"):
+  def crash_at_step_4(step):
+    if step == 4:
       raise _Interrupt()
 
   with pytest.raises(_Interrupt):  # dies after step 4, last checkpoint at step 3
-    train.run(config, str(tmp_path / "resumed"), log=crash_at_step_4)
+    train.run(config, str(tmp_path / "resumed"), log=lambda *_: None,
+              after_step=crash_at_step_4)
   logs = []
   train.run(config, str(tmp_path / "resumed"), log=logs.append)
   assert any("resumed from step 3" in line for line in logs)
@@ -193,7 +195,7 @@ def test_bad_workdir_and_data_path_fail_before_any_slow_step(tmp_path, monkeypat
   with pytest.raises(config_lib.ConfigError, match="missing"):
     train.run(config, str(tmp_path / "run"), log=lambda *_: None)
   with pytest.raises(config_lib.ConfigError, match="holds no checkpoint"):
-    train.evaluate_checkpoint(small_dpcap_config(), str(tmp_path / "nowhere"))
+    eval_checkpoint.evaluate_checkpoint(small_dpcap_config(), str(tmp_path / "nowhere"))
   assert not os.path.exists(tmp_path / "nowhere")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import vip_tiny
+from dpvl import optim
 from dpvl import train
 from dpvl.data import sources
 from dpvl.objectives import build_objective
@@ -78,9 +79,9 @@ def test_position_embeddings_are_fixed_and_the_mask_comes_from_the_example_key()
   assert any("pos_embedding" in jax.tree_util.keystr(p)
              for p, _ in jax.tree_util.tree_flatten_with_path(learned_params)[0])
   state_params = params
-  optimizer = train.make_optimizer(config.optimizer, 10)
+  optimizer = optim.make_optimizer(optim.settings(config), 10)
   plan = plan_lib.build_plan(config)
-  step = jax.jit(train.make_train_step(train.gradient_fn(objective, plan), optimizer, plan))
+  step = jax.jit(train.make_train_step(plan.mechanism.gradient(objective), optimizer, plan))
   state = dict(params=state_params, opt_state=optimizer.init(params), step=jnp.ones((), jnp.int32))
   batch2 = jax.tree.map(lambda x: x.reshape(2, 3, *x.shape[1:]), batch)
   new, _ = step(state, batch2, jnp.ones((2, 3), bool), jax.random.key(1), jax.random.key(2))

@@ -31,7 +31,8 @@ from dp_accounting import rdp
 from dp_accounting.pld import privacy_loss_distribution
 from scipy import stats
 
-ACCOUNTANTS = ("pld", "rdp")
+from dpvl import config as config_lib
+from dpvl import registry
 
 
 def _drop_unconverged_order_warnings(record: logging.LogRecord) -> bool:
@@ -148,6 +149,16 @@ def _pld_epsilon_fn(segments: Sequence[Segment]):
   return composed.get_epsilon_for_delta
 
 
+def _rdp_epsilon_fn(segments: Sequence[Segment]):
+  """delta -> epsilon of `segments` by Renyi DP (`dp_accounting.rdp.RdpAccountant`)."""
+  return rdp.RdpAccountant().compose(dp_event(segments)).get_epsilon
+
+
+# name -> (segments -> (delta -> epsilon)): PLD is tight, RDP the looser cross-check.
+ACCOUNTANTS = registry.Registry("config.privacy.accountant",
+                                {"pld": _pld_epsilon_fn, "rdp": _rdp_epsilon_fn})
+
+
 def epsilon(accountant: str, segments: Sequence[Segment], delta: float) -> float:
   """Epsilon of the run by the named accountant ("pld" or "rdp"), truncation paid in delta."""
   return _epsilon(accountant, tuple(segments), delta)
@@ -155,15 +166,10 @@ def epsilon(accountant: str, segments: Sequence[Segment], delta: float) -> float
 
 @functools.lru_cache(maxsize=4096)  # a pure function: the ledger and the plan ask again
 def _epsilon(accountant: str, segments: tuple[Segment, ...], delta: float) -> float:
-  if accountant not in ACCOUNTANTS:
-    raise ValueError(
-        f"privacy.accountant={accountant!r} is unknown; choose one of {ACCOUNTANTS}.")
+  epsilon_fn = ACCOUNTANTS[accountant]  # an unknown name fails here, listing the choices
   if not any(s.steps for s in segments):
     return 0.0
-  if accountant == "pld":
-    epsilon_at = _pld_epsilon_fn(segments)
-  else:
-    epsilon_at = rdp.RdpAccountant().compose(dp_event(segments)).get_epsilon
+  epsilon_at = epsilon_fn(segments)
   eps_m = lambda delta_m: float(epsilon_at(delta_m))
   p = run_truncation_probability(segments)
   eps = eps_m(delta)
@@ -198,15 +204,15 @@ def calibrate_noise_multiplier(accountant: str, segment: Segment, *, target_epsi
   """Smallest noise multiplier (to `tol`, rounded up) at which `segment` spends at most
   `target_epsilon`; the segment's own noise multiplier is ignored.
 
-  Raises ValueError when the target is out of reach in the segment's steps.
+  Raises ConfigError when the target is out of reach in the segment's steps.
   """
   def eps_at(sigma):
     return epsilon(accountant, [segment.replace(noise_multiplier=sigma)], delta)
 
   if eps_at(_MAX_SIGMA) > target_epsilon:
-    raise ValueError(
-        f"config.privacy.target_epsilon={target_epsilon} is unreachable in {segment.steps} steps at "
-        f"sampling rate {segment.sampling_rate:.3g} and delta {delta:.3g}: even noise "
+    raise config_lib.ConfigError(
+        f"config.privacy.target_epsilon={target_epsilon} is unreachable in {segment.steps} "
+        f"steps at sampling rate {segment.sampling_rate:.3g} and delta {delta:.3g}: even noise "
         f"multiplier {_MAX_SIGMA} spends more; lower the steps or the batch size, or raise "
         "the target.")
   # Bracket: RDP's sigma is cheap to find and is an upper bound on PLD's (PLD is tighter);

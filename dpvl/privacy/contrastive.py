@@ -62,7 +62,6 @@ from dpvl.privacy import clipping
 from dpvl.privacy import dpsgd
 from dpvl.privacy.sampling import Selection
 
-MECHANISMS = ("per_batch", "logit_dp")
 PAIR_NORMS = ("exact", "bound")
 
 
@@ -293,7 +292,7 @@ def pairwise_cotangents(u, v, gram_u, gram_v, valid, *, temperature: float, clip
 
 def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                       clip_norm: float, noise_std: float, expected_batch_size: int,
-                      enabled: bool = True, pair_norms_how: str = "exact", **_):
+                      enabled: bool = True, pair_norm_method: str = "exact", **_):
   """Logit-DP over the whole logical batch [num_micro, micro, ...], in two passes.
 
   Pass 1 embeds every example (and, when private, forms its Gram matrices); the pairwise
@@ -322,7 +321,7 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
       gu = gv = jnp.zeros(u.shape[:1])
     rows = lambda x: jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), -1)
     finite = rows(u) & rows(v) & rows(gu) & rows(gv)
-    if enabled and pair_norms_how == "bound":  # keep [n] eigenvalue maxima, not [n, d, d]
+    if enabled and pair_norm_method == "bound":  # keep [n] eigenvalue maxima, not [n, d, d]
       top = lambda g: jnp.linalg.eigvalsh(jnp.where(finite[:, None, None], g, 0.0))[:, -1]
       gu, gv = top(gu), top(gv)
       finite &= jnp.isfinite(gu) & jnp.isfinite(gv)
@@ -334,7 +333,7 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
   u, v, gu, gv = map(zero_bad, (u, v, gu, gv))
   cot_u, cot_v, stats = pairwise_cotangents(
       u, v, gu, gv, valid, temperature=model.temperature, clip_norm=clip_norm,
-      enabled=enabled, how=pair_norms_how)
+      enabled=enabled, how=pair_norm_method)
 
   def backward_micro(acc, xs):
     micro, ok, cu, cv = xs
@@ -354,5 +353,3 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
   return dpsgd.noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
                           expected_batch_size=expected_batch_size, enabled=enabled)
 
-
-GRADIENTS = {"per_batch": per_batch_gradient, "logit_dp": logit_dp_gradient}

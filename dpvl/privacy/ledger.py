@@ -31,8 +31,12 @@ from typing import Sequence
 
 import jax
 
+from dpvl import config as config_lib
 from dpvl import jsonfile
+from dpvl import metrics as metrics_lib
 from dpvl.privacy import accounting
+from dpvl.privacy import plan as plan_lib
+from dpvl.privacy import secrets as secrets_lib
 
 # Config fields that do not change what a step computes: changing them keeps a segment going.
 OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "evals", "data.workers", "privacy.seed")
@@ -274,3 +278,145 @@ class Ledger:
     entry = self.entry(status)
     jsonfile.write_atomic(self.path, entry)
     return entry
+
+
+@dataclasses.dataclass(frozen=True)
+class Opening:
+  """How a run opens its workdir.
+
+  Attributes:
+    secrets: the run's secrets (drawn now, or restored from the checkpoint).
+    header: the ledger's fixed fields (`HEADER_FIELDS`) so far.
+    resumed: the closed segments and where the current one starts.
+    plan: the current segment's plan, with the closed segments as `done`.
+    complete: the ledger entry of a run with nothing left to do (then nothing else is set up).
+  """
+
+  secrets: secrets_lib.RunSecrets
+  header: dict
+  resumed: Resume
+  plan: plan_lib.PrivacyPlan
+  complete: dict | None = None
+
+
+def _spent_without_checkpoint(workdir: str, on_disk: dict | None, force_restart: bool,
+                              log) -> tuple[Record, ...]:
+  """The records of a workdir without a checkpoint: () if it spent nothing. Its spending is
+  never forgotten: a restart is refused unless `force_restart`, which composes it."""
+  if on_disk is None:
+    shown = metrics_lib.last_training_row(workdir).get("step", 0)
+    if shown:
+      raise ResumeError(
+          f"{workdir} has no checkpoint and no privacy.json, but its metrics.jsonl shows {shown} "
+          "steps trained, whose spending cannot be accounted; restore the checkpoints or "
+          "privacy.json, or use a new --workdir.")
+    return ()
+  spent = accounted_steps(on_disk)
+  if spent == 0:
+    return ()
+  if not force_restart:
+    raise ResumeError(
+        f"{workdir} has no checkpoint to resume from, but its ledger (privacy.json) accounts "
+        f"for {spent} steps (epsilon {on_disk.get('epsilon_spent')}) that starting over would "
+        "forget; restore the checkpoints, use a new --workdir, or pass --force_restart to start "
+        "over with that spending composed into the new ledger.")
+  log(f"--force_restart: starting over; the {spent} steps in privacy.json (epsilon "
+      f"{on_disk.get('epsilon_spent')}) stay in the ledger.")
+  return tuple(records_of(on_disk))
+
+
+def _fresh(config, workdir: str, plan, on_disk: dict | None, force_restart: bool,
+           log) -> Opening:
+  """A run without a checkpoint: new secrets; any earlier spending composed (see above)."""
+  earlier = _spent_without_checkpoint(workdir, on_disk, force_restart, log)
+  test_seed = config_lib.get_field(config, "privacy.seed", None)
+  if test_seed is None:
+    run_secrets = secrets_lib.RunSecrets.draw()
+  else:
+    run_secrets = secrets_lib.RunSecrets.from_test_seed(test_seed)
+    log("config.privacy.seed is set: whoever knows it can reproduce the sampling and the "
+        "noise, so the run is private only against those who do not (for tests).")
+  header = dict(run_id=run_secrets.run_id,
+                secrets="os" if test_seed is None else "config.privacy.seed")
+  if earlier:
+    header["earlier_runs"] = [on_disk.get("run_id"), *on_disk.get("earlier_runs", [])]
+    plan = plan_lib.build_plan(config, [r.segment for r in earlier])
+  return Opening(run_secrets, header, Resume(earlier, 0, 0), plan)
+
+
+def _restored_secrets(meta: dict, workdir: str) -> secrets_lib.RunSecrets:
+  if "secrets" not in meta:
+    raise ResumeError(
+        f"the checkpoint in {workdir} holds a seed from an earlier dpvl whose noise key kept "
+        "only 32 bits of it; it cannot be resumed safely. Use a new --workdir.")
+  return secrets_lib.RunSecrets.from_hex(meta["secrets"])
+
+
+def _continued(config, workdir: str, plan, checkpoint_step: int, meta: dict,
+               on_disk: dict | None, force_resume: bool, log) -> Opening:
+  """A run resumed from its checkpoint at `checkpoint_step` (see the module docstring)."""
+  run_secrets = _restored_secrets(meta, workdir)
+  entry = latest(meta["ledger"], on_disk)
+  header = {k: entry[k] for k in HEADER_FIELDS if k in entry}
+  records = records_of(entry)
+  shown = metrics_lib.last_training_row(workdir).get("step", 0)
+  if shown > records[-1].end:  # privacy.json lost or behind: the metrics show what was released
+    log(f"metrics.jsonl shows step {shown}, after the ledger's step {records[-1].end}: the "
+        "ledger counts up to it.")
+    last = records[-1]
+    records[-1] = dataclasses.replace(last, segment=last.segment.replace(steps=shown - last.start))
+  if records[-1].plan == plan.fingerprint():
+    went_on = plan_lib.build_plan(config, [r.segment for r in records[:-1]], records[-1].start)
+    if checkpoint_step >= went_on.steps:
+      spent = entry["epsilon_spent"]
+      log(f"the run in {workdir} is complete ({entry['status']}, {entry['steps_done']} "
+          f"steps, epsilon {'inf' if spent is None else f'{spent:.4g}'}); nothing to do.")
+      return Opening(run_secrets, header, Resume(tuple(records), checkpoint_step, 0), plan,
+                     complete=entry)
+  test_seed = config_lib.get_field(config, "privacy.seed", None)
+  if test_seed is not None and (secrets_lib.RunSecrets.from_test_seed(test_seed).run_id
+                                != run_secrets.run_id):
+    log("config.privacy.seed differs from the seed this run started with; the run keeps "
+        "its own secrets.")
+  computation = computation_fingerprint(config)
+  resumed = resume(records, checkpoint_step, plan.fingerprint(), computation, force_resume)
+  plan = plan_lib.build_plan(config, [r.segment for r in resumed.closed], resumed.start)
+  if len(resumed.closed) == len(records):  # a new segment
+    last = records[-1]
+    changes = plan_changes(last.plan, plan.fingerprint())
+    config_path = os.path.join(workdir, "config.json")
+    if not changes and os.path.exists(config_path):
+      with open(config_path) as f:
+        changes = config_changes(computation_config(json.load(f)),
+                                 computation_config(config_tree(config)))
+    log(f"a new ledger segment starts at step {checkpoint_step}: the privacy plan, the "
+        f"config or the platform changed ({', '.join(changes) or 'code or platform'}); "
+        "its sampling and noise are fresh"
+        + (f", and steps {checkpoint_step + 1}..{last.end}, released before, stay in the "
+           "ledger." if resumed.abandoned() else "."))
+  return Opening(run_secrets, header, resumed, plan)
+
+
+def open_run(config, workdir: str, plan, checkpoint: tuple[int, dict] | None, *,
+             force_resume: bool = False, force_restart: bool = False, log=print) -> Opening:
+  """Decides how a run goes on in `workdir`, from its checkpoint and its ledger.
+
+  Args:
+    config: the run's config.
+    workdir: the run directory (its privacy.json and metrics.jsonl are read).
+    plan: the plan of `config` with nothing done (`plan.build_plan(config)`).
+    checkpoint: (step, meta) of the newest intact checkpoint, or None.
+    force_resume: go on under a changed privacy plan (a new segment composes both).
+    force_restart: start over without a checkpoint, composing the ledger's earlier spending.
+    log: where the one-line messages go.
+
+  Returns:
+    The opening. Raises ResumeError when going on would break the ledger.
+  """
+  on_disk = read(os.path.join(workdir, "privacy.json"))
+  if checkpoint is None:
+    return _fresh(config, workdir, plan, on_disk, force_restart, log)
+  if force_restart:
+    raise ResumeError(f"--force_restart: {workdir} has a checkpoint at step {checkpoint[0]}; "
+                      "re-run without it to resume.")
+  return _continued(config, workdir, plan, *checkpoint, on_disk, force_resume, log)

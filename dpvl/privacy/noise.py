@@ -1,10 +1,10 @@
 """Gaussian noise for the clipped gradient sum, drawn once per logical step.
 
 Each step has its own key (`secrets.RunSecrets.noise_key`: never reused across steps,
-micro-batches or segments of the ledger), split into one key per parameter leaf. Under `jit`
-with sharded parameters, JAX's counter-based generator gives every device the same values for
-a replicated leaf and the matching slice for a sharded one (the draw depends on the key and the
-global shape only), so replicas of a parameter never receive different noise.
+micro-batches or segments of the ledger), split into one key per parameter leaf. The train
+state is replicated on every device (`dpvl.parallel.mesh`); the draw depends only on the key and
+the leaf's global shape (JAX's counter-based generator), so every replica computes the same
+noise and replicas of a parameter never diverge.
 """
 
 import jax

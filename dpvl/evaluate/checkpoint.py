@@ -1,0 +1,49 @@
+"""`--mode=eval`: the run's evaluators on the parameters of one of its checkpoints."""
+
+import os
+
+import jax
+
+from dpvl import checkpoint as checkpoint_lib
+from dpvl import config as config_lib
+from dpvl import evaluate
+from dpvl import metrics as metrics_lib
+from dpvl import objectives
+from dpvl.privacy import provenance
+
+
+def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
+  """Runs `config.evals` on the parameters of a checkpoint and appends the row to the metrics.
+
+  Args:
+    config: the run's config (its model and `evals`).
+    workdir: the run directory; it is never created here.
+    step: the checkpoint's step (default: the latest).
+
+  Returns:
+    The metrics row, marked `"standalone": true`. ConfigError if there is no such checkpoint,
+    no evaluator, or the checkpoint holds another model.
+  """
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and do not create it
+    raise config_lib.ConfigError(f"{workdir} holds no checkpoint.")
+  objective = objectives.build_objective(config)
+  evaluators = evaluate.build_evaluators(config, objective)
+  if not evaluators:
+    raise config_lib.ConfigError("config.evals names no evaluator.")
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ckpt.latest_step() if step is None else step
+  if step is None or step not in ckpt.all_steps():
+    raise config_lib.ConfigError(f"{workdir} holds no checkpoint"
+                                 + ("" if step is None else f" at step {step}") + ".")
+  params = ckpt.restore_state_arrays(step)["params"]
+  ckpt.close()
+  if not provenance.same_model(params, jax.eval_shape(objective.init, jax.random.key(0))):
+    raise config_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "
+                                 "config.model.")
+  row = dict(step=step, standalone=True)
+  for evaluator in evaluators:
+    row.update(evaluator(params))
+  writer = metrics_lib.MetricsWriter(workdir)
+  writer.write(row)
+  writer.close()
+  return row
