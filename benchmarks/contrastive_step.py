@@ -20,7 +20,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from dp_overhead import _load_config, _time  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dp_overhead import _load_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dp_overhead import _time  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 from dpvl import optim
 from dpvl import train  # pylint: disable=wrong-import-position
 from dpvl.data import sources  # pylint: disable=wrong-import-position

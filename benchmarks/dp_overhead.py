@@ -20,11 +20,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from dpvl import optim
+from dpvl import train  # pylint: disable=wrong-import-position
 from dpvl.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dpvl.objectives import build_objective  # pylint: disable=wrong-import-position
 from dpvl.privacy import plan as plan_lib  # pylint: disable=wrong-import-position
-from dpvl import optim
-from dpvl import train  # pylint: disable=wrong-import-position
 
 
 def _load_config(path):

@@ -69,7 +69,8 @@ class WorkdirLock:
           continue
         raise LockedError(
             f"{os.path.dirname(self.path)} is in use by {_describe(holder)} (lock file "
-            f"{self.path}); wait for that run to end, or remove the lock file if it is gone.")
+            f"{self.path}); wait for that run to end, or remove the lock file if it is gone."
+        ) from None
       with os.fdopen(fd, "w") as f:
         json.dump(me, f)
       self._held = True

@@ -6,11 +6,11 @@ import json
 import os
 import shutil
 
+from conftest import small_dpcap_config
 import jax
 import numpy as np
 import pytest
 
-from conftest import small_dpcap_config
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import train
 from dpvl.privacy import ledger as ledger_lib

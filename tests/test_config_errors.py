@@ -6,12 +6,12 @@ import subprocess
 import sys
 import types
 
-import ml_collections
-import pytest
-
-import webdata_fixtures as wf
 from conftest import small_dpcap_config
 from conftest import small_dpclip_config
+import ml_collections
+import pytest
+import webdata_fixtures as wf
+
 from configs import vip_tiny
 from dpvl import config as config_lib
 from dpvl import objectives

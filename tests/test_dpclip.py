@@ -4,21 +4,21 @@ model, training with each mechanism, zero-shot and retrieval metrics, config err
 import json
 import math
 
+from conftest import small_dpclip_config
 import jax
 import numpy as np
 import pytest
 
-from conftest import small_dpclip_config
+from configs import evals
 from dpvl import config as config_lib
 from dpvl import train
-from dpvl.evaluate import checkpoint as eval_checkpoint
 from dpvl.data import sources
+from dpvl.evaluate import checkpoint as eval_checkpoint
 from dpvl.evaluate import retrieval
 from dpvl.objectives import build_objective
 from dpvl.privacy import contrastive
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy.sampling import Selection
-from configs import evals
 
 GRADIENTS = dict(per_batch=contrastive.per_batch_gradient, logit_dp=contrastive.logit_dp_gradient)
 

@@ -22,7 +22,6 @@ from dpvl import train
 from dpvl.data import shape_scenes
 from dpvl.evaluate import linear_probe
 from dpvl.objectives import build_objective
-from dpvl.privacy import plan as plan_lib
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # vip_tiny's model, trained for a few small steps; probes on a few hundred scenes.

@@ -5,9 +5,9 @@ import json
 import os
 import shutil
 
+from conftest import small_dpcap_config
 import pytest
 
-from conftest import small_dpcap_config
 from dpvl import train
 from dpvl.privacy import accounting
 from dpvl.privacy import ledger as ledger_lib

@@ -6,9 +6,9 @@ import socket
 import subprocess
 import sys
 
+from conftest import small_dpcap_config
 import pytest
 
-from conftest import small_dpcap_config
 from dpvl import lock as lock_lib
 from dpvl import train
 

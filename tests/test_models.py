@@ -1,11 +1,11 @@
 """ViT, text decoder, captioner and the DP-Cap per-example loss."""
 
+from conftest import small_dpcap_config
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_dpcap_config
 from configs import dpcap_laion233m
 from dpvl.data import sources
 from dpvl.data import tokenizers

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from dpvl.parallel import mesh as mesh_lib
 from dpvl.privacy import sampling

@@ -8,9 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
-from dpvl.privacy import plan as plan_lib
+from dpvl import config as config_lib
 from dpvl.privacy import provenance
 
 PARAMS = dict(dense=dict(kernel=jnp.arange(6, dtype=jnp.float32).reshape(2, 3),

@@ -4,10 +4,10 @@ import os
 import subprocess
 import sys
 
+from conftest import small_dpcap_config
 import jax
 import numpy as np
 
-from conftest import small_dpcap_config
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import train
 

@@ -3,9 +3,9 @@
 import os
 import signal
 
+from conftest import small_dpcap_config
 import pytest
 
-from conftest import small_dpcap_config
 from dpvl import checkpoint as checkpoint_lib
 from dpvl import train
 

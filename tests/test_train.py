@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
+from conftest import small_dpcap_config
 import jax
 import numpy as np
 import pytest
 
-from conftest import small_dpcap_config
-from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
+from dpvl import config as config_lib
 from dpvl import train
 from dpvl.evaluate import checkpoint as eval_checkpoint
 from dpvl.privacy import ledger as ledger_lib

@@ -8,11 +8,11 @@ import pickle
 import subprocess
 import sys
 
+from conftest import small_dpcap_config
 import numpy as np
 import pytest
-
 import webdata_fixtures as wf
-from conftest import small_dpcap_config
+
 from dpvl import config as config_lib
 from dpvl import train
 from dpvl.data import arrayrecord

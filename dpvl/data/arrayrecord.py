@@ -9,8 +9,8 @@ import bisect
 import dataclasses
 import json
 
-import grain
 from etils import epath
+import grain
 
 from dpvl import config as config_lib
 from dpvl.data import errors

@@ -21,7 +21,6 @@ import numpy as np
 from dpvl import config as config_lib
 from dpvl import registry
 
-
 _NO_SPACE_BEFORE = frozenset(".,!?;:")
 
 

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpvl.data import sources
-from dpvl.data import transforms
 from dpvl.config import ConfigError
 from dpvl.config import get_field
+from dpvl.data import sources
+from dpvl.data import transforms
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,11 +11,11 @@ size (pairs), ks (default [1, 5]).
 
 import numpy as np
 
+from dpvl.config import ConfigError
+from dpvl.config import get_field
 from dpvl.data import sources
 from dpvl.evaluate.linear_probe import load_images
 from dpvl.evaluate.zero_shot import image_and_text_embedders
-from dpvl.config import ConfigError
-from dpvl.config import get_field
 
 
 def recall_at_k(sims: np.ndarray, ks) -> dict[str, float]:

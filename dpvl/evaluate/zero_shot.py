@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpvl import objectives
+from dpvl.config import ConfigError
+from dpvl.config import get_field
 from dpvl.data import sources
 from dpvl.evaluate.linear_probe import chunked
 from dpvl.evaluate.linear_probe import load_labelled
 from dpvl.models.clip import l2_normalize
-from dpvl.config import ConfigError
-from dpvl.config import get_field
 
 
 def image_and_text_embedders(objective, name: str):

@@ -2,9 +2,9 @@
 
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import FrozenDict
+import jax.numpy as jnp
 
 from dpvl.models.text import TextDecoder
 from dpvl.models.vit import ViT

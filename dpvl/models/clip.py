@@ -4,8 +4,8 @@ The towers share no parameter (the contrastive mechanisms rely on it, see
 `dpvl.privacy.contrastive`), and nothing mixes the examples of a batch.
 """
 
-import jax.numpy as jnp
 from flax import linen as nn
+import jax.numpy as jnp
 
 from dpvl.models.text import embed_tokens
 from dpvl.models.vit import EncoderBlock

@@ -6,8 +6,8 @@ Both position embeddings are fixed 2-D sin-cos constants, never parameters.
 
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 from flax import linen as nn
+import jax.numpy as jnp
 
 from dpvl.models.vit import EncoderBlock
 from dpvl.models.vit import ViT

@@ -4,8 +4,8 @@ Pre-LN blocks: causal self-attention, cross-attention to the memory, GELU MLP. L
 bias-free by default (DP-Cap). Activations use `dtype`; the logits head runs in float32.
 """
 
-import jax.numpy as jnp
 from flax import linen as nn
+import jax.numpy as jnp
 
 from dpvl.models.vit import Attention
 from dpvl.models.vit import Mlp

@@ -11,10 +11,10 @@ logits and softmax are float32 whatever `dtype` is, and LayerNorm statistics too
 from typing import Any, Mapping
 
 import einops
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 
 def sincos2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:

@@ -28,9 +28,9 @@ a batch of n pairs (P, Q the row and column softmaxes of s/tau, primes after the
 Terms (i, j) with i, j != k keep their clip_B(g_ij) (it depends on x_i, y_j and the parameters
 only) and change coefficient; terms in row or column k are new. With
 a_ij = (1/(2 tau)) [(P_ij - [i=j]) + (Q_ij - [i=j])]:
-  row k:        sum_j |a'_kj|             <= (1/(2 tau)) [2(1 - P'_kk) + (1 - Q'_kk) + sum_{j!=k} Q'_kj]
-  column k:     sum_{i!=k} |a'_ik|        <= (1/(2 tau)) [sum_{i!=k} P'_ik + (1 - Q'_kk)]
-  other terms:  sum_{i,j!=k} |a'_ij-a_ij| <= (1/(2 tau)) [sum_{i!=k} P'_ik + sum_{j!=k} Q'_kj]
+  row k:       sum_j |a'_kj|            <= 1/(2 tau) [2(1 - P'_kk) + (1 - Q'_kk) + sum_{j!=k} Q'_kj]
+  column k:    sum_{i!=k} |a'_ik|       <= 1/(2 tau) [sum_{i!=k} P'_ik + (1 - Q'_kk)]
+  other terms: sum_{i,j!=k} |a'_ij-a_ij|<= 1/(2 tau) [sum_{i!=k} P'_ik + sum_{j!=k} Q'_kj]
 (adding column k to row i rescales row i's other entries by a common factor, which moves them by
 P'_ik in L1 in total; likewise for columns). So ||g' - g|| <= B sum |coefficient changes|
 <= (B/tau) [2 + sum_{i!=k} P'_ik + sum_{j!=k} Q'_kj]. Each P'_ik <= 1/(1 + n e^(-2/tau)),

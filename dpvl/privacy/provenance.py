@@ -11,11 +11,11 @@ what `load_warm_start` returns under `"init_from"`, so that the chain can be che
 
 import os
 
-import jax
 from etils import epath
+import jax
 
-from dpvl import config as config_lib
 from dpvl import checkpoint as checkpoint_lib
+from dpvl import config as config_lib
 from dpvl.data import sources
 
 PUBLIC_BY_CONSTRUCTION = sources.PUBLIC_BY_CONSTRUCTION

@@ -1,0 +1,53 @@
+"""The optimizer's settings and schedules (`config.optimizer`), and the loop's settings."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dpvl import config as config_lib
+from dpvl import optim
+
+
+def _config(**optimizer):
+  fields = dict(learning_rate=1e-3, b1=0.9, b2=0.95, weight_decay=0.01, warmup_steps=10,
+                schedule="cosine")
+  fields.update(optimizer)
+  return ml_collections.ConfigDict(dict(optimizer=fields))
+
+
+@pytest.mark.parametrize("name, middle, end", [("cosine", 0.5, 0.0), ("linear", 0.5, 0.0),
+                                               ("constant", 1.0, 1.0)])
+def test_each_schedule_warms_up_then_decays_as_named(name, middle, end):
+  schedule = optim.SCHEDULES[name](1e-3, 10, 110)
+  rates = np.array([float(schedule(t)) for t in (0, 5, 10, 60, 110)]) / 1e-3
+  np.testing.assert_allclose(rates, [0.0, 0.5, 1.0, middle, end], atol=1e-6)
+
+
+def test_settings_are_checked_before_any_compute():
+  assert optim.settings(_config()) == optim.Settings(1e-3, 0.9, 0.95, 0.01, 10, "cosine")
+  for bad, field in ((dict(schedule="cosin"), "optimizer.schedule.*cosine"),
+                     (dict(learning_rate=0.0), "optimizer.learning_rate"),
+                     (dict(b2=1.0), "optimizer.b2"), (dict(warmup_steps=-1), "warmup_steps")):
+    with pytest.raises(config_lib.ConfigError, match=field):
+      optim.settings(_config(**bad))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+  params = dict(kernel=jnp.ones((2, 2)), bias=jnp.ones(2))
+  tx = optim.make_optimizer(optim.settings(_config(learning_rate=0.1, warmup_steps=0,
+                                                   schedule="constant")), 10)
+  zero = dict(kernel=jnp.zeros((2, 2)), bias=jnp.zeros(2))
+  updates, _ = tx.update(zero, tx.init(params), params)
+  assert float(jnp.abs(updates["bias"]).max()) == 0.0  # no gradient, no decay
+  assert float(jnp.abs(updates["kernel"]).max()) > 0.0  # decayed towards zero
+
+
+def test_the_loop_settings_are_typed_and_checked():
+  c = ml_collections.ConfigDict(dict(seed=0, log_every=10, checkpoint_every=50, init_from="",
+                                     data=dict(max_skip_fraction=0.05)))
+  t = config_lib.training(c)
+  assert (t.seed, t.log_every, t.checkpoint_every, t.data_workers) == (0, 10, 50, 0)
+  c.log_every = 0
+  with pytest.raises(config_lib.ConfigError, match="config.log_every"):
+    config_lib.training(c)
