@@ -58,6 +58,9 @@ def truncation_probability(dataset_size: int, sampling_rate: float, capacity: in
   with probability 1 / groups), so a block's size is Binomial(N + 1, q / groups), and the
   bound is the union over blocks. A batch larger than `capacity` overflows some block, so this
   also bounds the sampler's own truncation.
+
+  >>> f"{truncation_probability(10_000, 0.01, capacity=150, steps=1_000):.2e}"
+  '1.08e-03'
   """
   if steps == 0:
     return 0.0
@@ -69,7 +72,11 @@ def truncation_probability(dataset_size: int, sampling_rate: float, capacity: in
 def min_capacity(dataset_size: int, sampling_rate: float, steps: int,
                  max_probability: float, groups: int = 1) -> int:
   """Smallest capacity (a multiple of `groups`) whose `truncation_probability` is at most
-  `max_probability`."""
+  `max_probability`.
+
+  >>> min_capacity(10_000, 0.01, steps=1_000, max_probability=1e-9)  # 100 expected records
+  177
+  """
   lo = int(math.floor(dataset_size * sampling_rate / groups))  # too small (unless q is 0 or 1)
   hi = dataset_size + 1                                        # never truncates
   while hi - lo > 1:
@@ -160,7 +167,15 @@ ACCOUNTANTS = registry.Registry("config.privacy.accountant",
 
 
 def epsilon(accountant: str, segments: Sequence[Segment], delta: float) -> float:
-  """Epsilon of the run by the named accountant ("pld" or "rdp"), truncation paid in delta."""
+  """Epsilon of the run by the named accountant ("pld" or "rdp"), truncation paid in delta.
+
+  >>> run = [Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=1.0, steps=1_000)]
+  >>> round(epsilon("pld", run, delta=1e-4), 3), round(epsilon("rdp", run, delta=1e-4), 3)
+  (1.513, 1.755)
+  >>> later = Segment(10_000, 0.01, noise_multiplier=2.0, steps=500)  # a forced resume's segment
+  >>> round(epsilon("pld", [*run, later], delta=1e-4), 3)
+  1.568
+  """
   return _epsilon(accountant, tuple(segments), delta)
 
 
@@ -205,6 +220,10 @@ def calibrate_noise_multiplier(accountant: str, segment: Segment, *, target_epsi
   `target_epsilon`; the segment's own noise multiplier is ignored.
 
   Raises ConfigError when the target is out of reach in the segment's steps.
+
+  >>> run = Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=0.0, steps=1_000)
+  >>> round(calibrate_noise_multiplier("pld", run, target_epsilon=2.0, delta=1e-4), 3)
+  0.882
   """
   def eps_at(sigma):
     return epsilon(accountant, [segment.replace(noise_multiplier=sigma)], delta)
@@ -240,7 +259,11 @@ def calibrate_noise_multiplier(accountant: str, segment: Segment, *, target_epsi
 def max_steps_within(accountant: str, done: Sequence[Segment], segment: Segment, *,
                      target_epsilon: float, delta: float) -> int:
   """Largest k <= segment.steps such that `done` plus k steps of `segment` spend at most
-  `target_epsilon`."""
+  `target_epsilon`.
+
+  >>> run = Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=1.0, steps=1_000)
+  >>> max_steps_within("pld", [], run, target_epsilon=1.5, delta=1e-4)
+  983"""
   def eps_after(k):
     return epsilon(accountant, [*done, segment.replace(steps=k)], delta)
 

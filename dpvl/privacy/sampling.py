@@ -56,6 +56,10 @@ class Selection:
 
 @dataclasses.dataclass(frozen=True)
 class PoissonSampler:
+  """Poisson sampling of each step's batch from records 0..N-1: each joins independently with
+  probability `sampling_rate`; a batch larger than `capacity` slots is truncated (see the
+  module docstring). `seed` is the run's secret sampler seed (`secrets.RunSecrets`)."""
+
   dataset_size: int
   sampling_rate: float
   capacity: int
@@ -68,7 +72,17 @@ class PoissonSampler:
       raise ValueError(f"capacity must be positive, got {self.capacity}.")
 
   def select(self, step: int) -> Selection:
-    """The batch of step `step` (deterministic given seed and step)."""
+    """The batch of step `step` (deterministic given seed and step).
+
+    >>> sampler = PoissonSampler(dataset_size=1_000, sampling_rate=0.05, capacity=64, seed=7)
+    >>> batch = sampler.select(3)
+    >>> batch.indices.shape, batch.size == batch.poisson_size - batch.truncated
+    ((64,), True)
+    >>> bool((batch.indices[batch.size:] == 0).all())  # padding after the records, masked
+    True
+    >>> bool((sampler.select(3).indices == batch.indices).all())  # a function of (seed, step)
+    True
+    """
     rng = np.random.default_rng([self.seed, _STREAM, step])
     k = int(rng.binomial(self.dataset_size, self.sampling_rate))
     chosen = rng.choice(self.dataset_size, size=k, replace=False)
