@@ -27,6 +27,16 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
+    """Saves (state, meta) as checkpoint `step` and waits until it is written.
+
+    Args:
+      step: the training step the checkpoint is keyed by.
+      state: the train state pytree (params, optimizer state, step).
+      meta: the JSON-serializable meta item (the run's root secret and the ledger entry).
+
+    Returns:
+      None, once the write has finished.
+    """
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
@@ -50,6 +60,14 @@ class Checkpointer:
     A newer one that does not restore (a missing item, unreadable array files, a torn write) is
     moved to `set_aside/<step>`, kept for inspection, with one line saying why: the run goes on
     from the one before, and a later save of that step finds its place free.
+
+    Args:
+      abstract_state: the train state's structure, shapes, dtypes and shardings (as `restore`).
+      set_aside: the directory unrestorable checkpoints are moved to (created if needed).
+      log: called with one line per checkpoint set aside.
+
+    Returns:
+      (step, state, meta) of the newest checkpoint that restores, or None if none does.
     """
     for step in sorted(self.all_steps(), reverse=True):
       try:

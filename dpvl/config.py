@@ -15,6 +15,17 @@ class ConfigError(ValueError):
 def get_field(config, dotted: str, default: Any = ...) -> Any:
   """`config.<dotted>`, or a ConfigError naming the missing field (unless a default is given).
 
+  Args:
+    config: an `ml_collections.ConfigDict` (or nested mapping).
+    dotted: the field's path, e.g. `"batch.expected_size"`.
+    default: returned if any part of the path is missing; omit it to require the field.
+
+  Returns:
+    The field's value, or `default` if it is missing.
+
+  Raises:
+    ConfigError: if the field is missing and no default is given.
+
   >>> import ml_collections
   >>> c = ml_collections.ConfigDict(dict(batch=dict(expected_size=256)))
   >>> get_field(c, "batch.expected_size")

@@ -120,16 +120,33 @@ def _duration(seconds: float) -> str:
 
 
 def init_state(objective, optimizer: optax.GradientTransformation, seed: int) -> dict:
-  """The train state before the first step: params, optimizer state, step 0."""
+  """The train state before the first step.
+
+  Args:
+    objective: the objective (its `init`).
+    optimizer: the optax transformation (its `init`).
+    seed: `config.seed`, public: parameter init needs no secret.
+
+  Returns:
+    dict(params, opt_state, step=0).
+  """
   params = objective.init(jax.random.key(seed))
   return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
 def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
-  """Returns step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted.
+  """The train step: private gradient, then the optimizer's update.
 
-  `gradient` is `plan.mechanism.gradient(objective)`; `noise_key` is this step's own noise key
-  (`secrets.RunSecrets.noise_key`), `example_key` the public key of per-example randomness.
+  Args:
+    gradient: `plan.mechanism.gradient(objective)`.
+    optimizer: the optax transformation.
+    plan: the privacy plan (clip norm, noise std, expected batch size, enabled).
+
+  Returns:
+    step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted; batch and
+    mask are [num_microbatches, microbatch_size, ...], `noise_key` is this step's own noise key
+    (`secrets.RunSecrets.noise_key`), `example_key` the public key of per-example randomness
+    (e.g. MAE masks), folded with the step.
   """
 
   def step(state, batch, mask, example_key, noise_key):
@@ -148,7 +165,18 @@ def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
 
 def select_and_load(sampler: sampling.PoissonSampler, plan: plan_lib.PrivacyPlan,
                     group_salt: int, loader: loader_lib.BatchLoader, step: int):
-  """Step `step`'s selection, laid out by the plan's mechanism, and this host's share of it."""
+  """Step `step`'s selection, laid out by the plan's mechanism, and this host's share of it.
+
+  Args:
+    sampler: the segment's Poisson sampler.
+    plan: the privacy plan (its mechanism arranges the selection into micro-batches).
+    group_salt: the segment's secret salt of per-batch clipping's hash groups.
+    loader: reads and prepares this host's slots.
+    step: the global step.
+
+  Returns:
+    (selection, loader.Batch): the global selection and this host's prepared share.
+  """
   selection = plan.mechanism.arrange(sampler.select(step), salt=group_salt, step=step,
                                      microbatch_size=plan.microbatch_size)
   return selection, loader.load(selection)
@@ -158,7 +186,18 @@ def save(ckpt: checkpoint_lib.Checkpointer, ledger: ledger_lib.Ledger, state,
          run_secrets: secrets_lib.RunSecrets, step: int, status: str) -> dict:
   """Writes the ledger up to `step`, then the checkpoint (unless `step` is saved already).
 
-  The ledger goes first: it covers what the save releases. Returns the ledger entry.
+  The ledger goes first: it covers what the save releases.
+
+  Args:
+    ckpt: the run's checkpointer.
+    ledger: the run's ledger.
+    state: the train state after `step` steps.
+    run_secrets: the run's secrets, kept in the (private) checkpoint.
+    step: the global step.
+    status: the ledger status ("running", "completed", ...).
+
+  Returns:
+    The ledger entry written.
   """
   ledger.advance(step)
   entry = ledger.write(status)
@@ -169,7 +208,16 @@ def save(ckpt: checkpoint_lib.Checkpointer, ledger: ledger_lib.Ledger, state,
 
 def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib.MetricsWriter,
               log) -> None:
-  """Runs the evaluators due at `step` on `params` and writes their row."""
+  """Runs the evaluators due at `step` on `params` and writes their row.
+
+  Args:
+    evaluators: the run's evaluators (`evaluate.build_evaluators`).
+    params: the parameters (released: evaluation is post-processing).
+    step: the global step the parameters are at.
+    last_step: the run's last step (evaluators run at 0, every `every` steps, and at the end).
+    writer: metrics.jsonl and TensorBoard.
+    log: where the one-line summary goes.
+  """
   due = [e for e in evaluators if evaluate.is_due(e, step, last_step)]
   if not due:
     return
@@ -185,8 +233,22 @@ def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib
 
 def metrics_row(step: int, step_metrics: list[dict], epsilon: float | None, *, seconds: float,
                 data_wait: float, truncated: int, skipped: dict, replayed: bool) -> dict:
-  """The metrics.jsonl row of a logged step, from the host copies of the steps' metrics since
-  the last row (the loss is their mean, the other statistics the last step's)."""
+  """The metrics.jsonl row of a logged step.
+
+  Args:
+    step: the global step logged.
+    step_metrics: host copies of the metrics of the steps since the last row (the loss is
+      their mean, the other statistics the last step's).
+    epsilon: the epsilon spent up to `step` (None when not private).
+    seconds: seconds since the run started, across resumes.
+    data_wait: seconds the loop waited for batches.
+    truncated: records dropped from over-full batches so far.
+    skipped: records skipped so far, by reason.
+    replayed: whether `step` was released before a resume (the row is then marked).
+
+  Returns:
+    The row.
+  """
   last = step_metrics[-1]
   row = dict(step=step, loss=float(np.mean([m["loss"] for m in step_metrics])), epsilon=epsilon,
              examples=int(last["examples"]), seconds=round(seconds, 3),
@@ -198,7 +260,17 @@ def metrics_row(step: int, step_metrics: list[dict], epsilon: float | None, *, s
 
 
 def final_status(final: int, plan: plan_lib.PrivacyPlan, signal_name: str | None, log) -> str:
-  """The ledger status of a run that stopped after step `final`, said in one line."""
+  """The ledger status of a run that stopped after step `final`, said in one line.
+
+  Args:
+    final: the last step taken.
+    plan: the privacy plan (its steps within budget and configured steps).
+    signal_name: the signal that stopped the run early, if one did.
+    log: where the line goes.
+
+  Returns:
+    "interrupted", "budget_exhausted" or "completed".
+  """
   if final < plan.steps:
     log(f"{signal_name}: stopped after step {final} with a checkpoint; re-run the command to "
         "go on.")

@@ -31,7 +31,18 @@ _CHECK_SIZE = 32  # records are checked by decoding at (at least) this size
 
 
 def convert_shard(url: str, out_dir: str, number: int) -> dict:
-  """Converts one tar shard into `shard-{number}.array_record`; returns (and writes) its marker."""
+  """Converts one tar shard into `shard-{number}.array_record`; returns (and writes) its marker.
+
+  Args:
+    url: the tar shard's path or URL.
+    out_dir: the output directory (or URL); it must exist.
+    number: the shard's number, naming its files `shard-{number:05d}.*`.
+
+  Returns:
+    The marker: `source`, `file` (None if the shard is missing), `records` (written),
+    `rejected` (counts by reason) and `missing` (the tar file was not found). If the marker
+    exists already, it is read and returned and nothing is converted.
+  """
   out = epath.Path(out_dir)
   name = f"shard-{number:05d}"
   marker = out / f"{name}.json"
@@ -71,8 +82,18 @@ def convert_shard(url: str, out_dir: str, number: int) -> dict:
 def convert(shards, out_dir: str, workers: int = 1, log=print) -> dict:
   """Converts the tar shards `shards` (see `webdataset.expand_shards`) into `out_dir`.
 
-  Returns the index (also written to `out_dir/index.json`). Raises ValueError when no shard is
-  listed or no record is written.
+  Args:
+    shards: the tar shards: a list, comma-separated names, `{000..099}` ranges, or a glob.
+    out_dir: the output directory (or URL); created if needed.
+    workers: processes converting shards in parallel (1: in this process).
+    log: called with the one-line summary.
+
+  Returns:
+    The index (also written to `out_dir/index.json`): `num_records`, `shards` (file, records,
+    source of each shard found), `missing_shards` and `rejected` (counts by reason).
+
+  Raises:
+    ValueError: when no shard is listed or no record is written.
   """
   urls = webdataset.expand_shards(shards)
   if not urls:

@@ -45,7 +45,17 @@ def too_many_skipped(skipped: int, drawn: int, max_fraction: float,
   """Whether `skipped` of `drawn` records is significantly more than `max_fraction` of them:
   P(Binomial(drawn, max_fraction) >= skipped) < `significance`. With healthy data skipping at
   most that rate, a run is stopped by mistake with probability below `significance` per check;
-  with data that yields nothing, a batch of 32 records is enough to stop it (at 5%)."""
+  with data that yields nothing, a batch of 32 records is enough to stop it (at 5%).
+
+  Args:
+    skipped: records that could not be used.
+    drawn: records drawn, skipped ones included.
+    max_fraction: the skip rate healthy data stays below (`config.data.max_skip_fraction`).
+    significance: the test's level: the chance per check of stopping a healthy run.
+
+  Returns:
+    True if the skips are too many to come from data skipping at most `max_fraction`.
+  """
   if skipped == 0:
     return False
   return float(stats.binom.sf(skipped - 1, drawn, max_fraction)) < significance

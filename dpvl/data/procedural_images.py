@@ -50,7 +50,16 @@ def _scalar_field(pattern: str, rng: np.random.Generator, y: np.ndarray,
 
 
 def render(seed: int, index: int, image_size: int) -> np.ndarray:
-  """uint8 [S, S, 3] image number `index` of the generator seeded with `seed`."""
+  """uint8 [S, S, 3] image number `index` of the generator seeded with `seed`.
+
+  Args:
+    seed: the generator's seed.
+    index: the image's number; any int >= 0.
+    image_size: S, the side in pixels.
+
+  Returns:
+    uint8 [image_size, image_size, 3], a pure function of (seed, index, image_size).
+  """
   rng = np.random.default_rng([seed, index, 0x5EAD])
   grid = np.linspace(-1.0, 1.0, image_size, dtype=np.float32)
   y, x = np.meshgrid(grid, grid, indexing="ij")

@@ -38,8 +38,22 @@ def decode(parts: dict, index: int, image_size: int, crop: str = "center",
            seed: int = 0) -> dict:
   """The record of raw members `parts`; raises BadRecord with the reason it is unusable.
 
-  `crop`: "center" (shorter side to `image_size`, centre crop) or "random_resized" (seeded by
-  (seed, index): a function of this record only).
+  Args:
+    parts: raw members by extension (bytes), and `__key__` when known.
+    index: the record's index in its source; stored in the record and seeds its crop.
+    image_size: S, the side of the output image in pixels.
+    crop: "center" (shorter side to `image_size`, centre crop) or "random_resized" (seeded by
+      (seed, index): a function of this record only).
+    seed: the run's data seed for "random_resized" crops; unused by "center".
+
+  Returns:
+    {`image`: uint8 [S, S, 3], `caption`: clean str, `index`: int, `key`: str}, plus `json`
+    (the parsed metadata, or None if it does not parse) when `parts` has a json member.
+
+  Raises:
+    errors.BadRecord: with the reason the record is unusable (missing or corrupt image,
+      missing, empty or non-UTF-8 caption).
+    ValueError: for an unknown `crop` (a config error, not a bad record).
   """
   check_parts(parts)
   caption = transforms.clean_caption(parts["txt"])

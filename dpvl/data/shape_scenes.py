@@ -70,7 +70,17 @@ def _place(rng: np.random.Generator, half_extents: np.ndarray) -> np.ndarray:
 
 
 def scene_spec(seed: int, index: int, max_objects: int = 2) -> Scene:
-  """The scene of record `index`: the generator's ground truth, a pure function of its args."""
+  """The scene of record `index`: the generator's ground truth, a pure function of its args.
+
+  Args:
+    seed: the generator's seed.
+    index: the record's number.
+    max_objects: the most objects a scene has, in [1, len(POSITIONS)]; the count is uniform
+      in [1, max_objects].
+
+  Returns:
+    The `Scene`: its objects (distinct grid positions, jittered) and background colour.
+  """
   rng = np.random.default_rng([seed, index])
   count = int(rng.integers(1, max_objects + 1))
   shapes = rng.integers(len(SHAPES), size=count)

@@ -74,6 +74,16 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
 
   The randomness comes from `rng` only; seed it from (seed, record index): the crop of a record
   then depends on that record alone, as per-example privacy needs.
+
+  Args:
+    image: uint8 [H, W, 3].
+    size: the side of the output in pixels.
+    rng: the generator of the box (and nothing else).
+    scale: (min, max) share of the image's area the box covers, drawn uniformly.
+    ratio: (min, max) aspect ratio (width / height) of the box, drawn log-uniformly.
+
+  Returns:
+    uint8 [size, size, 3].
   """
   image = np.asarray(image)
   h, w = image.shape[:2]

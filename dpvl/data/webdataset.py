@@ -137,7 +137,18 @@ def _cached_index(url: str, cache_dir: str | None) -> ShardIndex:
 
 
 def index_shards(urls: list[str], cache_dir: str | None = None, threads: int = 16):
-  """(shard indices of the shards that exist, URLs that do not), in the order of `urls`."""
+  """(shard indices of the shards that exist, URLs that do not), in the order of `urls`.
+
+  Args:
+    urls: the tar shards' paths or URLs.
+    cache_dir: where shard indices are cached (by URL, reused while the shard's size is
+      unchanged); None or "" to scan every shard.
+    threads: the most shards indexed at once.
+
+  Returns:
+    (list of `ShardIndex` of the shards found, list of the URLs not found). Other errors of
+    reading a shard (e.g. IsADirectoryError) propagate.
+  """
   def one(url):
     try:
       return _cached_index(url, cache_dir)

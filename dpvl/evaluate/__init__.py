@@ -48,5 +48,14 @@ def build_evaluators(config, objective) -> list[Evaluator]:
 
 
 def is_due(evaluator: Evaluator, step: int, last_step: int) -> bool:
-  """Evaluators run before the first step, every `every` steps, and after the last step."""
+  """Evaluators run before the first step, every `every` steps, and after the last step.
+
+  Args:
+    evaluator: the evaluator (its `every`; 0: only at the first and last step).
+    step: the steps done so far (0: before the first).
+    last_step: the run's last step.
+
+  Returns:
+    Whether `evaluator` runs at `step`.
+  """
   return step in (0, last_step) or (evaluator.every > 0 and step % evaluator.every == 0)

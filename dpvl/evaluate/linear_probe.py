@@ -50,7 +50,30 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
                      test_y: np.ndarray, num_classes: int, *, steps: int = 500,
                      batch_size: int = 256, learning_rate: float = 1e-2,
                      weight_decay: float = 1e-4, seed: int = 0) -> ProbeResult:
-  """Fits softmax regression on (train_x, train_y) and reports top-1 accuracies."""
+  """Fits softmax regression on (train_x, train_y) and reports top-1 accuracies.
+
+  Features are standardised with the mean and std of `train_x`; the layer starts at zero and
+  takes `steps` AdamW steps (cosine-decayed learning rate), each on a fresh batch of distinct
+  examples.
+
+  Args:
+    train_x: float [N, D] features that train the probe.
+    train_y: int [N] labels, in [0, num_classes).
+    test_x: float [M, D] features that test it.
+    test_y: int [M] labels, in [0, num_classes).
+    num_classes: the classifier's outputs.
+    steps: optimizer steps.
+    batch_size: examples per step (at most N).
+    learning_rate: AdamW's peak learning rate.
+    weight_decay: AdamW's weight decay.
+    seed: seeds the batches.
+
+  Returns:
+    The `ProbeResult`: train and test top-1 accuracy, N, M and `num_classes`.
+
+  Raises:
+    ValueError: unless `train_x` is 2-D and each split has one label per row.
+  """
   train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
   train_y, test_y = np.asarray(train_y, np.int32), np.asarray(test_y, np.int32)
   if train_x.ndim != 2 or len(train_x) != len(train_y) or len(test_x) != len(test_y):
@@ -87,13 +110,35 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarra
 
 
 def encoder_features(tokens, blocks_out, k: int) -> jax.Array:
-  """The probe's features: last k blocks pooled (k >= 1) or the final normed tokens (k = 0)."""
+  """The probe's features: last k blocks pooled (k >= 1) or the final normed tokens (k = 0).
+
+  Args:
+    tokens: [B, T, D] tokens after the encoder's final LayerNorm (`Objective.encode`).
+    blocks_out: every block's output tokens, [B, T, D] each.
+    k: blocks pooled, in [0, len(blocks_out)].
+
+  Returns:
+    [B, D] mean-pooled final tokens (k = 0) or [B, k * D] (`mean_pooled_blocks`).
+  """
   return jnp.mean(tokens, axis=1) if k == 0 else mean_pooled_blocks(blocks_out, k)
 
 
 def load_labelled(source, count: int, image_size: int, label_key: str = "label"):
   """The first `count` usable records as (normalised images [n, S, S, 3], labels [n]) and the
-  number of records skipped per reason; reads further records to replace skipped ones."""
+  number of records skipped per reason; reads further records to replace skipped ones.
+
+  Args:
+    source: a random-access data source (`len` and `[index]`) of records with `image`.
+    count: n, the records wanted.
+    image_size: S; images are resized (shorter side) and centre-cropped to it.
+    label_key: the record's field holding the integer label.
+
+  Returns:
+    (float32 images [n, S, S, 3] in [-1, 1], int32 labels [n], {reason: records skipped}).
+
+  Raises:
+    ValueError: if the source holds fewer than `count` usable records.
+  """
   images, labels, skipped = load_images(source, count, image_size,
                                         lambda record: int(record[label_key]))
   return images, np.asarray(labels, np.int32), skipped
@@ -101,7 +146,22 @@ def load_labelled(source, count: int, image_size: int, label_key: str = "label")
 
 def load_images(source, count: int, image_size: int, extract):
   """The first `count` usable records as (normalised images [n, S, S, 3], [extract(record)],
-  skipped per reason); a record whose image or `extract` fails is skipped and replaced."""
+  skipped per reason); a record whose image or `extract` fails is skipped and replaced.
+
+  Args:
+    source: a random-access data source (`len` and `[index]`) of records with `image`.
+    count: n, the records wanted.
+    image_size: S; images are resized (shorter side) and centre-cropped to it.
+    extract: record -> value kept beside its image. A KeyError, TypeError, ValueError or
+      OSError (reading the record, `extract`, or its image) skips the record.
+
+  Returns:
+    (float32 images [n, S, S, 3] in [-1, 1], list of n extracted values,
+    {reason: records skipped}); a skip's reason is a BadRecord's or the exception's type name.
+
+  Raises:
+    ValueError: if the source holds fewer than `count` usable records.
+  """
   images, values, skipped = [], [], {}
   index = 0
   while len(images) < count and index < len(source):
@@ -138,7 +198,22 @@ def chunked(fn, chunk: int = 256):
 
 
 def build(config, name: str, objective):
-  """params -> {top1, train_top1, skipped}: the probe of `config.evals.<name>`."""
+  """params -> {top1, train_top1, skipped}: the probe of `config.evals.<name>`.
+
+  The probe's data is loaded here, once; each call encodes it and fits a new probe.
+
+  Args:
+    config: the run's config (`evals.<name>` and `model.encoder.depth`).
+    name: the evaluator's key under `config.evals`.
+    objective: the run's objective (its `encode` and `image_size`).
+
+  Returns:
+    params -> {top1: test accuracy, train_top1: train accuracy, skipped: records skipped}.
+
+  Raises:
+    ConfigError: for a bad field, data that cannot be read, or labels outside
+      [0, num_classes).
+  """
   field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
   k = int(field("blocks", 0))
   depth = int(config.model.encoder.depth)

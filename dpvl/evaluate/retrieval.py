@@ -31,7 +31,21 @@ def recall_at_k(sims: np.ndarray, ks) -> dict[str, float]:
 
 
 def build(config, name: str, objective):
-  """params -> recall@k metrics of `config.evals.<name>`."""
+  """params -> recall@k metrics of `config.evals.<name>`.
+
+  The pairs are loaded and tokenized here, once; each call embeds them.
+
+  Args:
+    config: the run's config (`evals.<name>`).
+    name: the evaluator's key under `config.evals`.
+    objective: the run's objective; contrastive (its towers, `image_size` and `tokenize`).
+
+  Returns:
+    params -> {image_to_text_recall@k, text_to_image_recall@k for each k in ks, skipped}.
+
+  Raises:
+    ConfigError: for a non-contrastive objective, a missing field or data that cannot be read.
+  """
   field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
   embed_images, embed_texts = image_and_text_embedders(objective, name)
   ks = [int(k) for k in field("ks", (1, 5))]

@@ -40,7 +40,22 @@ def class_embeddings(text_embeddings: np.ndarray, num_classes: int) -> jax.Array
 
 
 def build(config, name: str, objective):
-  """params -> {top1, chance, skipped}: zero-shot accuracy of `config.evals.<name>`."""
+  """params -> {top1, chance, skipped}: zero-shot accuracy of `config.evals.<name>`.
+
+  The images and prompts are loaded and tokenized here, once; each call embeds them.
+
+  Args:
+    config: the run's config (`evals.<name>`).
+    name: the evaluator's key under `config.evals`.
+    objective: the run's objective; contrastive (its towers, `image_size` and `tokenize`).
+
+  Returns:
+    params -> {top1: accuracy, chance: 1 / number of classes, skipped: records skipped}.
+
+  Raises:
+    ConfigError: for a non-contrastive objective, missing class names or templates, a template
+      without '{}', data that cannot be read, or labels that do not index `class_names`.
+  """
   field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
   class_names, templates = list(field("class_names")), list(field("templates"))
   if not class_names or not templates or any("{}" not in t for t in templates):

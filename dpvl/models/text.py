@@ -14,7 +14,19 @@ from dpvl.models.vit import Mlp
 def embed_tokens(module: nn.Module, tokens, what: str):
   """Token plus learnt position embeddings [B, L, width] in `module.dtype`, created as
   `module`'s parameters `token_embedding` and `pos_embedding` (call from its compact method).
-  `module` has `vocab_size`, `max_len`, `width` and `dtype`; `what` names it in the error."""
+  `module` has `vocab_size`, `max_len`, `width` and `dtype`; `what` names it in the error.
+
+  Args:
+    module: the Flax module whose compact method calls this; the parameters are its own.
+    tokens: int [B, L] token ids, L <= `module.max_len`.
+    what: the module's name in the error message, e.g. "decoder".
+
+  Returns:
+    [B, L, width] embeddings in `module.dtype`.
+
+  Raises:
+    ValueError: if L exceeds `module.max_len`.
+  """
   length = tokens.shape[1]
   if length > module.max_len:
     raise ValueError(f"{length} tokens exceed the {what}'s max_len {module.max_len}.")

@@ -18,7 +18,21 @@ import numpy as np
 
 
 def sincos2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
-  """Fixed 2-D sin-cos position embeddings, float32 [height * width, dim] (MAE's recipe)."""
+  """Fixed 2-D sin-cos position embeddings, float32 [height * width, dim] (MAE's recipe).
+
+  Args:
+    height: rows of the patch grid.
+    width: columns of the patch grid.
+    dim: the embedding's width; a multiple of 4.
+    temperature: the longest wavelength's scale (10,000 in MAE).
+
+  Returns:
+    float32 [height * width, dim], rows in row-major patch order (as `patchify`); columns
+    [sin(x), cos(x), sin(y), cos(y)], dim / 4 frequencies each, x the column and y the row.
+
+  Raises:
+    ValueError: if `dim` is not a multiple of 4.
+  """
   if dim % 4:
     raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}.")
   y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")

@@ -26,6 +26,14 @@ def target_weights(targets, pad_id: int, eos_id: int | None = None):
 
   A target counts when it is not padding and, given `eos_id`, no EOS comes before it (the first
   EOS itself counts): whatever follows the end of the caption is ignored.
+
+  Args:
+    targets: int [L] target token ids of one caption (1-D: the EOS count runs over all of it).
+    pad_id: the padding token's id.
+    eos_id: the EOS token's id; None counts every non-padding target.
+
+  Returns:
+    float32 [L] weights in {0, 1}.
   """
   keep = targets != pad_id
   if eos_id is not None:
@@ -39,6 +47,15 @@ def masked_token_loss(logits, targets, pad_id: int, eos_id: int | None = None):
   """Mean cross-entropy of `targets` [L] under `logits` [L, V] over the counted targets.
 
   See `target_weights`. Computed in float32; 0 when no target counts (never nan).
+
+  Args:
+    logits: [L, V] next-token logits of one caption.
+    targets: int [L] target token ids.
+    pad_id: the padding token's id.
+    eos_id: the EOS token's id; None counts every non-padding target.
+
+  Returns:
+    float32 scalar: the mean negative log-likelihood of the counted targets.
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
@@ -103,6 +120,18 @@ def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,
   A fixed-length loop (jit-able, no cache: the decoder reruns on the whole prefix each step).
   With `eos_id`, every token after a caption's first EOS is `pad_id`. `max_len` is at most the
   tokenizer's max_len (the decoder reads max_len - 1 tokens).
+
+  Args:
+    model: the captioner.
+    params: its parameters.
+    images: float [B, H, W, 3], normalised (`transforms.normalize_image`).
+    max_len: length of the output, BOS included.
+    bos_id: the BOS token's id, the first token of every caption.
+    eos_id: the EOS token's id; None decodes all `max_len - 1` tokens.
+    pad_id: the padding token's id.
+
+  Returns:
+    int32 [B, max_len] token ids.
   """
   memory = model.apply({"params": params}, images, method=Captioner.encode_images)
   tokens = jnp.full((images.shape[0], max_len), pad_id, jnp.int32).at[:, 0].set(bos_id)
@@ -122,7 +151,18 @@ def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,
 
 def caption_images(objective: objectives.Objective, params, images: np.ndarray,
                    config) -> list[str]:
-  """Greedy captions (text) for uint8 images [B, H, W, 3]."""
+  """Greedy captions (text) for uint8 images [B, H, W, 3].
+
+  Args:
+    objective: the DP-Cap objective (its `model`).
+    params: the captioner's parameters.
+    images: uint8 [B, H, W, 3]; normalised here, not resized (H and W multiples of the
+      encoder's patch size).
+    config: the run's config (its `tokenizer`).
+
+  Returns:
+    B captions, decoded by the tokenizer of `config.tokenizer` (up to `max_len` tokens).
+  """
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   x = np.stack([transforms.normalize_image(im) for im in images])
   decode = jax.jit(functools.partial(

@@ -22,12 +22,32 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 
 def random_keep(rng, num_patches: int, visible: int):
-  """Indices of `visible` distinct patches chosen uniformly at random (sorted)."""
+  """Indices of `visible` distinct patches chosen uniformly at random (sorted).
+
+  Args:
+    rng: the example's own key.
+    num_patches: T, the patches of an image.
+    visible: K <= T, the patches kept.
+
+  Returns:
+    int32 [K], ascending, in [0, T).
+  """
   return jnp.sort(jax.random.permutation(rng, num_patches)[:visible])
 
 
 def masked_patch_loss(pred, target, keep, norm_pix: bool = False):
-  """Mean over masked patches of the per-patch MSE; pred, target [T, P], keep [K]."""
+  """Mean over masked patches of the per-patch MSE; pred, target [T, P], keep [K].
+
+  Args:
+    pred: [T, P] the decoder's pixels of every patch (P = patch_size**2 * 3).
+    target: [T, P] the image's patches (`patchify`), float32.
+    keep: int [K] indices of the visible patches; they do not count.
+    norm_pix: normalise each target patch to zero mean, unit variance first (MAE).
+
+  Returns:
+    float32 scalar: the mean over the T - K masked patches of the mean squared error over P;
+    0 when no patch is masked.
+  """
   if norm_pix:
     mean = target.mean(-1, keepdims=True)
     var = target.var(-1, keepdims=True)

@@ -59,6 +59,17 @@ def truncation_probability(dataset_size: int, sampling_rate: float, capacity: in
   bound is the union over blocks. A batch larger than `capacity` overflows some block, so this
   also bounds the sampler's own truncation.
 
+  Args:
+    dataset_size: N, the records of the dataset.
+    sampling_rate: q, the probability that a record joins a step's batch.
+    capacity: the batch slots of one step (all blocks together).
+    steps: the steps the bound spans.
+    groups: the hash-group blocks the slots are split into (1: one block).
+
+  Returns:
+    The bound, in [0, 1]: the union over steps and blocks of P(Binomial(N + 1, q / groups)
+    > capacity // groups); 0 for no steps.
+
   >>> f"{truncation_probability(10_000, 0.01, capacity=150, steps=1_000):.2e}"
   '1.08e-03'
   """
@@ -73,6 +84,17 @@ def min_capacity(dataset_size: int, sampling_rate: float, steps: int,
                  max_probability: float, groups: int = 1) -> int:
   """Smallest capacity (a multiple of `groups`) whose `truncation_probability` is at most
   `max_probability`.
+
+  Args:
+    dataset_size: N, the records of the dataset.
+    sampling_rate: q, the probability that a record joins a step's batch.
+    steps: the steps of the run the bound spans.
+    max_probability: the largest tolerated probability that any step truncates.
+    groups: the hash-group blocks the slots are split into (1: one block).
+
+  Returns:
+    The capacity: a multiple of `groups`, from (floor(N q / groups) + 1) * groups (the search
+    takes floor(N q / groups) per block to be too small) to (N + 1) * groups (never truncates).
 
   >>> min_capacity(10_000, 0.01, steps=1_000, max_probability=1e-9)  # 100 expected records
   177
@@ -169,6 +191,18 @@ ACCOUNTANTS = registry.Registry("config.privacy.accountant",
 def epsilon(accountant: str, segments: Sequence[Segment], delta: float) -> float:
   """Epsilon of the run by the named accountant ("pld" or "rdp"), truncation paid in delta.
 
+  Args:
+    accountant: "pld" (tight) or "rdp" (the cross-check).
+    segments: the run's segments, in order.
+    delta: the run's delta, truncation's share included (see the module docstring).
+
+  Returns:
+    Epsilon of the truncated mechanism at `delta`: 0.0 if no step is run, inf when no
+    epsilon fits (truncation spends all of delta, or a segment adds no noise).
+
+  Raises:
+    ConfigError: for an unknown accountant (the registry's error, listing the choices).
+
   >>> run = [Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=1.0, steps=1_000)]
   >>> round(epsilon("pld", run, delta=1e-4), 3), round(epsilon("rdp", run, delta=1e-4), 3)
   (1.513, 1.755)
@@ -219,7 +253,20 @@ def calibrate_noise_multiplier(accountant: str, segment: Segment, *, target_epsi
   """Smallest noise multiplier (to `tol`, rounded up) at which `segment` spends at most
   `target_epsilon`; the segment's own noise multiplier is ignored.
 
-  Raises ConfigError when the target is out of reach in the segment's steps.
+  Args:
+    accountant: "pld" or "rdp".
+    segment: the steps to calibrate for; its `noise_multiplier` is ignored.
+    target_epsilon: the epsilon the segment may spend, at most.
+    delta: the run's delta.
+    tol: the bisection's absolute tolerance on the noise multiplier.
+
+  Returns:
+    The noise multiplier, in [0.05, 500]: at most `tol` above the smallest that meets the
+    target (0.05 if that already meets it).
+
+  Raises:
+    ConfigError: when the target is out of reach in the segment's steps (even noise multiplier
+      500 spends more).
 
   >>> run = Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=0.0, steps=1_000)
   >>> round(calibrate_noise_multiplier("pld", run, target_epsilon=2.0, delta=1e-4), 3)
@@ -261,9 +308,20 @@ def max_steps_within(accountant: str, done: Sequence[Segment], segment: Segment,
   """Largest k <= segment.steps such that `done` plus k steps of `segment` spend at most
   `target_epsilon`.
 
+  Args:
+    accountant: "pld" or "rdp".
+    done: the segments already run (their epsilon counts).
+    segment: the next segment; at most its `steps` are counted.
+    target_epsilon: the epsilon the whole run may spend, at most.
+    delta: the run's delta.
+
+  Returns:
+    k in [0, segment.steps]; 0 also when `done` alone spends more than `target_epsilon`.
+
   >>> run = Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=1.0, steps=1_000)
   >>> max_steps_within("pld", [], run, target_epsilon=1.5, delta=1e-4)
-  983"""
+  983
+  """
   def eps_after(k):
     return epsilon(accountant, [*done, segment.replace(steps=k)], delta)
 

@@ -31,9 +31,16 @@ def global_norms(tree) -> jax.Array:
 def clip(per_example_grads, mask: jax.Array, clip_norm: float):
   """g_i * min(1, C / ||g_i||) for valid, finite examples; exactly zero for the others.
 
-  Returns (clipped per-example grads in float32, stats): `norms` before clipping (0 on padding),
-  `kept` (valid and finite), `nonfinite` (valid examples dropped because their gradient is not
-  finite).
+  Args:
+    per_example_grads: a pytree of per-example gradients, leaves [B, ...].
+    mask: bool [B]; False for padding.
+    clip_norm: C, the largest L2 norm (over all leaves) an example's gradient keeps.
+
+  Returns:
+    (clipped per-example grads in float32, same shapes, stats): `norms` float32 [B] before
+    clipping (0 on padding; inf or nan on valid non-finite ones), `kept` bool [B] (valid and
+    finite), `nonfinite` int scalar (valid examples dropped because their gradient is not
+    finite).
   """
   norms = global_norms(per_example_grads)
   finite = jnp.isfinite(norms)
@@ -59,6 +66,18 @@ def scan_microbatches(micro_fn, params, batch, mask, rngs):
   """Sums `micro_fn(params, micro, mask, rngs) -> (grad_sum, stats)` over the leading axis.
 
   `stats` has `loss_sum` and `nonfinite` (summed) and `norms` (stacked per micro-batch).
+
+  Args:
+    micro_fn: (params, micro-batch, mask [microbatch_size], rngs [microbatch_size]) ->
+      (gradient sum shaped like `params`, {loss_sum, nonfinite, norms [microbatch_size]}).
+    params: the parameters, passed to every call.
+    batch: a pytree, leaves [num_microbatches, microbatch_size, ...].
+    mask: bool [num_microbatches, microbatch_size]; False for padding.
+    rngs: per-example PRNG keys, leading axes [num_microbatches, microbatch_size].
+
+  Returns:
+    (gradient sum, float32, shaped like `params`; {`loss_sum`: float32 scalar, `nonfinite`:
+    int32 scalar, `norms`: float32 [num_microbatches, microbatch_size]}).
   """
 
   def body(acc, xs):
@@ -76,9 +95,18 @@ def scan_microbatches(micro_fn, params, batch, mask, rngs):
 def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: float):
   """Sum of per-example gradients clipped to `clip_norm`, over all micro-batches.
 
-  Returns (grad_sum in float32, stats) with stats: `loss_sum` (sum of valid, finite losses),
-  `nonfinite` (valid examples dropped), `norms` ([num_micro, micro] unclipped norms, 0 on
-  padding).
+  Args:
+    loss_fn: (params, example, rng) -> scalar loss of one example (no batch axis).
+    params: the parameters.
+    batch: a pytree, leaves [num_microbatches, microbatch_size, ...].
+    mask: bool [num_microbatches, microbatch_size]; False for padding.
+    rngs: per-example PRNG keys, leading axes [num_microbatches, microbatch_size].
+    clip_norm: C, the L2 norm each example's gradient is clipped to.
+
+  Returns:
+    (grad_sum in float32, shaped like `params`, stats) with stats: `loss_sum` (sum of valid,
+    finite losses), `nonfinite` (valid examples dropped), `norms` ([num_micro, micro] unclipped
+    norms, 0 on padding).
   """
   value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
 
@@ -94,7 +122,19 @@ def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: floa
 
 
 def grad_sum(loss_fn: LossFn, params, batch, mask, rngs):
-  """Non-private: the gradient of the summed loss over valid examples (no clipping)."""
+  """Non-private: the gradient of the summed loss over valid examples (no clipping).
+
+  Args:
+    loss_fn: (params, example, rng) -> scalar loss of one example (no batch axis).
+    params: the parameters.
+    batch: a pytree, leaves [num_microbatches, microbatch_size, ...].
+    mask: bool [num_microbatches, microbatch_size]; False for padding.
+    rngs: per-example PRNG keys, leading axes [num_microbatches, microbatch_size].
+
+  Returns:
+    (grad_sum in float32, shaped like `params`, stats) as `clipped_grad_sum`'s, but
+    `loss_sum` sums every valid loss, finite or not, and `norms` is all zeros.
+  """
   losses_fn = jax.vmap(loss_fn, in_axes=(None, 0, 0))
 
   def micro_fn(params, micro, m, r):

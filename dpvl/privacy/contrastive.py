@@ -89,7 +89,16 @@ class DualEncoder:
 
 
 def contrastive_losses(sims, mask, temperature: float):
-  """Per-pair symmetric InfoNCE losses [n] from similarities [n, n]; 0 on masked pairs."""
+  """Per-pair symmetric InfoNCE losses [n] from similarities [n, n]; 0 on masked pairs.
+
+  Args:
+    sims: [n, n] similarities s_ij = <u_i, v_j>, image rows and caption columns.
+    mask: bool [n]; False for padding (its row and column take no part).
+    temperature: tau.
+
+  Returns:
+    float32 [n]: l_i of the module docstring over the valid pairs; 0 where `mask` is False.
+  """
   logits = sims.astype(jnp.float32) / temperature
   pair = mask[:, None] & mask[None, :]
   logits = jnp.where(pair, logits, -1e9)  # finite: a fully masked row has finite gradients
@@ -122,7 +131,16 @@ def per_batch_sensitivity(clip_norm: float) -> float:
 
 
 def logit_dp_sensitivity(clip_norm: float, temperature: float, max_batch: int) -> float:
-  """Delta of `logit_dp` under add/remove for batches of at most `max_batch` pairs."""
+  """Delta of `logit_dp` under add/remove for batches of at most `max_batch` pairs.
+
+  Args:
+    clip_norm: B, the norm each pairwise similarity gradient is clipped to.
+    temperature: tau, the fixed softmax temperature.
+    max_batch: M, the most valid pairs a batch can hold (the padded capacity).
+
+  Returns:
+    (B / tau) (2 + 2 R), R = (M - 1) / (1 + (M - 1) e^(-2/tau)) (see the module docstring).
+  """
   others = max(max_batch - 1, 0)
   r = others / (1.0 + others * math.exp(-2.0 / temperature))
   return clip_norm / temperature * (2.0 + 2.0 * r)
@@ -141,9 +159,19 @@ def group_of(indices: np.ndarray, key: int, step: int, groups: int) -> np.ndarra
   A function of the record's own index only, so adding or removing a record moves no other
   record between groups. Fresh groups every step; the key is the run's secret group salt
   (`secrets.RunSecrets.group_salt`).
+
+  Args:
+    indices: int record indices, any shape.
+    key: the secret 64-bit group salt.
+    step: the global step.
+    groups: the number of groups.
+
+  Returns:
+    int64, shaped like `indices`: each record's group.
   """
   with np.errstate(over="ignore"):
-    salt = _mix64(np.array([(key ^ (step * 0x9E3779B97F4A7C15)) & (2**64 - 1)], np.uint64))
+    salt = _mix64(np.array([(int(key) ^ (int(step) * 0x9E3779B97F4A7C15)) & (2**64 - 1)],
+                           np.uint64))
     h = _mix64(np.asarray(indices, np.uint64) ^ salt)
   return (h % np.uint64(groups)).astype(np.int64)
 
@@ -155,6 +183,18 @@ def hash_groups(selection: Selection, key: int, step: int, groups: int,
   Record r goes to block `group_of(r)`; a block holds its records in index order, then padding.
   Records beyond a full block are dropped and counted in `truncated` (the plan sizes the blocks
   so that this is negligible and pays for it in delta, like the sampler's own truncation).
+
+  Args:
+    selection: the step's Poisson selection (`PoissonSampler.select`).
+    key: the secret 64-bit group salt (see `group_of`).
+    step: the global step.
+    groups: the number of blocks.
+    group_capacity: the slots of each block (the micro-batch size).
+
+  Returns:
+    A `Selection` of groups * group_capacity slots, block g in slots
+    [g * group_capacity, (g + 1) * group_capacity); `poisson_size` kept, `truncated` adding
+    the records dropped here.
   """
   idx = selection.indices[selection.mask]
   g = group_of(idx, key, step, groups)
@@ -181,6 +221,22 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
   `jnp.where`, and its records counted in `nonfinite`: adding the record moves only its group,
   from a clipped gradient to zero. Returns (gradient estimate, metrics) like
   `dpsgd.private_gradient`.
+
+  Args:
+    model: the dual encoder.
+    params: {"image": ..., "text": ...}.
+    batch: a pytree, leaves [groups, capacity, ...]: micro-batch g is group g (`hash_groups`).
+    mask: bool [groups, capacity]; False for padding.
+    rngs: per-example PRNG keys, leading axes [groups, capacity]; unused (deterministic).
+    noise_key: this step's noise key (`secrets.RunSecrets.noise_key`).
+    clip_norm: C, the norm each group's gradient is clipped to.
+    noise_std: sigma * Delta = sigma * 2C, the noise's standard deviation.
+    expected_batch_size: q * N, the divisor.
+    enabled: False for the non-private baseline (no clipping, no noise).
+
+  Returns:
+    (gradient estimate shaped like `params`, metrics of `dpsgd.noisy_mean`); there,
+    `clipped_fraction` and `grad_norm_mean` are over the non-empty groups.
   """
 
   def group_loss(p, group, m):
@@ -222,6 +278,19 @@ def pair_norms(u, v, gram_u, gram_v, how: str = "exact"):
 
   exact: sqrt(v_j^T G_i v_j + u_i^T H_j u_i); bound: sqrt(lambda_max(G_i) + lambda_max(H_j)).
   For "bound", `gram_u`/`gram_v` may already be the eigenvalue maxima [r] and [c].
+
+  Args:
+    u: [r, d] image embeddings.
+    v: [c, d] caption embeddings.
+    gram_u: [r, d, d] G_i = J_i J_i^T of the image tower ([r] maxima for "bound").
+    gram_v: [c, d, d] H_j = K_j K_j^T of the text tower ([c] maxima for "bound").
+    how: "exact" or "bound".
+
+  Returns:
+    [r, c] the norms (exact) or their upper bounds (bound).
+
+  Raises:
+    ValueError: for an unknown `how`.
   """
   if how == "exact":
     outer = lambda x: (x[:, :, None] * x[:, None, :]).reshape(x.shape[0], -1)
@@ -243,6 +312,23 @@ def pairwise_cotangents(u, v, gram_u, gram_v, valid, *, temperature: float, clip
   w_ij = dL/ds_ij min(1, B / ||grad s_ij||) (no clip factor when not `enabled`), the
   cotangents are W v and W^T u, and dL/ds_ij = (1/(2 tau)) [(P_ij - [i=j]) + (Q_ij - [i=j])]
   with P, Q the row and column softmaxes of s / tau over the valid pairs.
+
+  Args:
+    u: [blocks, block, d] image embeddings (zero where not valid).
+    v: [blocks, block, d] caption embeddings (zero where not valid).
+    gram_u: [blocks, block, d, d] image Gram matrices ([blocks, block] maxima for "bound";
+      any placeholder when not `enabled`).
+    gram_v: as `gram_u`, of the text tower.
+    valid: bool [blocks, block]; False for padding and dropped examples.
+    temperature: tau.
+    clip_norm: B, the norm each pairwise similarity gradient is clipped to.
+    enabled: False computes the exact (unclipped) cotangents.
+    how: "exact" or "bound" (see `pair_norms`).
+
+  Returns:
+    (cotangent of u [blocks, block, d], cotangent of v [blocks, block, d], stats):
+    `loss_sum` (the summed loss of the valid pairs), `clipped_fraction` and `grad_norm_mean`
+    (over the n^2 valid (i, j) pairs; 0 when not `enabled`).
   """
   num_blocks, block = valid.shape
   flat = lambda x: x.reshape(num_blocks * block, *x.shape[2:])
@@ -306,6 +392,24 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
   are replaced by zeros, and pass 2 embeds the zero placeholder in its place, as for padding,
   so that no backward pass meets a NaN. Each term depends on that record only, so dropping it
   is the removal of the record, which the sensitivity covers.
+
+  Args:
+    model: the dual encoder.
+    params: {"image": ..., "text": ...}.
+    batch: a pytree, leaves [num_micro, micro, ...].
+    mask: bool [num_micro, micro]; False for padding.
+    rngs: per-example PRNG keys; unused (deterministic).
+    noise_key: this step's noise key (`secrets.RunSecrets.noise_key`).
+    clip_norm: B, the norm each pairwise similarity gradient is clipped to.
+    noise_std: sigma * Delta (`logit_dp_sensitivity`), the noise's standard deviation.
+    expected_batch_size: q * N, the divisor.
+    enabled: False for the non-private baseline (no clipping, no noise, no Gram matrices).
+    pair_norm_method: "exact" (keeps the Gram matrices, O(n d^2) memory) or "bound" (keeps only
+      their largest eigenvalues, O(n)).
+
+  Returns:
+    (gradient estimate shaped like `params`, metrics of `dpsgd.noisy_mean`); there,
+    `clipped_fraction` and `grad_norm_mean` are over the valid pairs.
   """
   del rngs
   pi, pt = params["image"], params["text"]

@@ -22,10 +22,13 @@ def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm
   Args:
     loss_fn: (params, example, rng) -> scalar loss of one example.
     batch, mask, rngs: leading axes [num_microbatches, microbatch_size].
-    noise_key: this step's noise key (see `noise.step_key`).
+    noise_key: this step's own noise key (`secrets.RunSecrets.noise_key`).
     clip_norm, noise_std: C and sigma * C from the privacy plan.
     expected_batch_size: q * N, the divisor.
     enabled: False for the non-private baseline (no clipping, no noise).
+
+  Returns:
+    (gradient estimate, metrics), as `noisy_mean` gives them.
   """
   if enabled:
     total, stats = clipping.clipped_grad_sum(loss_fn, params, batch, mask, rngs, clip_norm)
@@ -45,6 +48,20 @@ def noisy_mean(total, stats, mask, noise_key, *, noise_std: float, expected_batc
   The one place where a private step adds its noise and divides: every mechanism (per-example
   here, the contrastive ones in `contrastive`) ends with it. `stats`: `loss_sum`, `nonfinite`,
   and when enabled `clipped_fraction` and `grad_norm_mean`.
+
+  Args:
+    total: the (clipped) gradient sum, a float32 pytree shaped like the parameters.
+    stats: the mechanism's statistics, as above.
+    mask: bool [num_microbatches, microbatch_size]; False for padding.
+    noise_key: this step's noise key (`secrets.RunSecrets.noise_key`).
+    noise_std: sigma * C, the noise's standard deviation.
+    expected_batch_size: q * N, the divisor (a public constant).
+    enabled: False for the non-private baseline (no noise).
+
+  Returns:
+    (gradient estimate shaped like `total`, metrics): `loss` (mean over valid, finite
+    examples), `examples` (valid), `nonfinite`, and when enabled `clipped_fraction` and
+    `grad_norm_mean`.
   """
   if enabled:
     total = noise.add_gaussian_noise(total, noise_key, noise_std)

@@ -96,7 +96,16 @@ def computation_config(tree: dict) -> dict:
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-  """Dotted names of the fields in which two config trees differ (`OPERATIONAL_FIELDS` too)."""
+  """Dotted names of the fields in which two config trees differ (`OPERATIONAL_FIELDS` too).
+
+  Args:
+    old: a config tree (`config_tree`), e.g. the one a checkpoint was made under.
+    new: the config tree to compare with it.
+    prefix: prepended to every name (the dotted path of the subtrees compared).
+
+  Returns:
+    The sorted dotted names; a field present in one tree only counts as changed.
+  """
   changes = []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key), new.get(key)
@@ -181,7 +190,24 @@ def resume(records: Sequence[Record], checkpoint_step: int, plan: dict, computat
            force: bool = False) -> Resume:
   """Continues the last segment if it is recomputed bit for bit from `checkpoint_step`, or
   starts a new one there (see the module docstring). Raises ResumeError for a changed privacy
-  plan unless `force`."""
+  plan unless `force`.
+
+  Args:
+    records: the ledger's segments (`latest` of the checkpoint's and privacy.json's), in order.
+    checkpoint_step: the global step of the checkpoint the run resumes from.
+    plan: the fingerprint (`PrivacyPlan.fingerprint`) of the plan the run resumes under.
+    computation: the `computation_fingerprint` of what the run resumes with.
+    force: compose a changed privacy plan with the old one instead of refusing.
+
+  Returns:
+    A `Resume`: the last segment continued (its start, every step it released) when plan and
+    computation match and it started at or before `checkpoint_step`; else every record closed
+    and a new segment from `checkpoint_step`, nothing released. No records: a first segment
+    from `checkpoint_step`.
+
+  Raises:
+    ResumeError: if the privacy plan changed and not `force`.
+  """
   if not records:
     return Resume((), checkpoint_step, 0)
   last = records[-1]

@@ -56,7 +56,17 @@ class Mechanism:
 
   def arrange(self, selection: sampling.Selection, *, salt: int, step: int,
               microbatch_size: int) -> sampling.Selection:
-    """A step's selection laid out in the slots of `layout` (here: as drawn)."""
+    """A step's selection laid out in the slots of `layout` (here: as drawn).
+
+    Args:
+      selection: the step's Poisson selection (`PoissonSampler.select`).
+      salt: the segment's secret group salt (`secrets.RunSecrets.group_salt`); unused here.
+      step: the global step; unused here.
+      microbatch_size: the plan's micro-batch size; unused here.
+
+    Returns:
+      The selection, its slots in micro-batch order.
+    """
     del salt, step, microbatch_size
     return selection
 
@@ -128,7 +138,18 @@ class PerBatch(_Contrastive):
 
   def arrange(self, selection: sampling.Selection, *, salt: int, step: int,
               microbatch_size: int) -> sampling.Selection:
-    """Micro-batch g holds the records that hash to group g at `step` under the secret salt."""
+    """Micro-batch g holds the records that hash to group g at `step` under the secret salt.
+
+    Args:
+      selection: the step's Poisson selection (`PoissonSampler.select`).
+      salt: the segment's secret group salt (`secrets.RunSecrets.group_salt`).
+      step: the global step.
+      microbatch_size: the plan's micro-batch size: the slots of each group.
+
+    Returns:
+      `contrastive.hash_groups` of the selection: num_groups * microbatch_size slots, records
+      beyond a full group dropped and counted in `truncated`.
+    """
     return contrastive.hash_groups(selection, salt, step, self.num_groups, microbatch_size)
 
   def sensitivity(self, clip_norm: float, capacity: int) -> float:

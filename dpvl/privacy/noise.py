@@ -12,7 +12,16 @@ import jax.numpy as jnp
 
 
 def add_gaussian_noise(tree, key: jax.Array, std):
-  """tree + N(0, std^2 I), leaf by leaf, in float32."""
+  """tree + N(0, std^2 I), leaf by leaf, in float32.
+
+  Args:
+    tree: a pytree of arrays (the clipped gradient sum), replicated on every device.
+    key: this step's noise key (`secrets.RunSecrets.noise_key`), split into one per leaf.
+    std: the noise's standard deviation, sigma * C (a scalar).
+
+  Returns:
+    A float32 pytree shaped like `tree`.
+  """
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
   noisy = [x.astype(jnp.float32) + std * jax.random.normal(k, x.shape, jnp.float32)

@@ -61,6 +61,19 @@ def load_warm_start(workdir: str, abstract_params, data_cfg):
 
   Raises ConfigError, in one sentence, unless stage 1 and each link of its chain trained without
   DP on public data (see the module docstring) and the parameters fit `abstract_params`.
+
+  Args:
+    workdir: the stage-1 run's directory (`config.init_from`); its checkpoints are read only.
+    abstract_params: the structure, shapes and dtypes this run's parameters have.
+    data_cfg: this run's `config.data`, which stage 1's data must not overlap.
+
+  Returns:
+    (params of stage 1's latest checkpoint, on this host's first device; provenance dict with
+    `path`, `steps`, `private`, `data` and `chain`).
+
+  Raises:
+    ConfigError: if `workdir` holds no checkpoint, stage 1 or a link of its chain is not a
+      non-private run on public data other than this run's, or its model differs.
   """
   where = f"config.init_from={workdir!r}"
   directory = os.path.join(workdir, "checkpoints")
