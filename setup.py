@@ -29,7 +29,7 @@ setup(
         "tensorboardX>=2.6,<3",
     ],
     extras_require={
-        "dev": ["pytest>=8,<10"],
+        "dev": ["pytest>=8,<10", "ruff==0.17.6"],  # ruff: tests/test_lint.py
         "tensorboard": ["tensorboard>=2.15,<3"],  # the viewer; runs write events without it
         "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.15,<3"],
         "gpu": ["jax[cuda12]>=0.6,<0.13"],

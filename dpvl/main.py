@@ -6,7 +6,9 @@
 
 --mode=train (default) trains, resuming from the workdir's last checkpoint; --mode=account
 prints the privacy plan as one JSON object and touches no data and no device; --mode=eval runs
-`config.evals` on the workdir's latest checkpoint (or --step) and prints the metrics as JSON.
+`config.evals` on the workdir's latest checkpoint (or --step) and prints the metrics as JSON;
+--mode=compile compiles the full private step on abstract inputs (no data) for the local
+devices and prints its parameter count, FLOPs and per-device memory as JSON.
 """
 
 import json
@@ -19,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from dpvl import config as config_lib
+from dpvl import dry_run
 from dpvl import lock as lock_lib
 from dpvl import train
 from dpvl.data import errors as data_errors
@@ -29,7 +32,8 @@ from dpvl.privacy import plan as plan_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, ledger, metrics).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval", "compile"],
+                          "What to do.")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: latest).")
 _FORCE = flags.DEFINE_bool("force_resume", False,
                            "Resume even if the privacy plan changed (the ledger composes both).")
@@ -93,6 +97,9 @@ def main(argv):
       if config_lib.get_field(config, "privacy.noise_multiplier", None) is None:
         print("calibrating the noise multiplier to the target epsilon...", file=sys.stderr)
       print(json.dumps(plan_lib.build_plan(config).summary(), indent=2))
+      return
+    if _MODE.value == "compile":
+      print(json.dumps(dry_run.compile_step(config), indent=2))
       return
     if not _WORKDIR.value:
       raise config_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}.")

@@ -1,11 +1,19 @@
-"""Shared test fixtures: small configs built from the real demo config."""
+"""Fixtures shared by all tests: small configs, a BERT-sized vocabulary, the command line.
+
+The small configs are built by tests/configs_for_tests.py; a fixture returns the builder, so a
+test asks for `dpcap_config` and calls it with its overrides: `dpcap_config(enabled=False)`.
+"""
 
 import os
+import subprocess
 import sys
 
 import jax
-import ml_collections
 import pytest
+
+from tests import configs_for_tests
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 # Tests build many identical train steps: share their compilations through JAX's persistent
 # cache (a fresh directory per test session).
@@ -13,31 +21,23 @@ jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dpvl-jax-cache-{os.getpid()}"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from configs import dpcap_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+@pytest.fixture(scope="session")
+def dpcap_config():
+  """Builder of the demo DP-Cap config shrunk to run a few steps in seconds.
+
+  `dpcap_config(**privacy)` returns a fresh config; `privacy` sets fields of config.privacy.
+  """
+  return configs_for_tests.small_dpcap_config
 
 
-def small_dpcap_config(**privacy):
-  """The demo config shrunk to run a few steps in seconds."""
-  c = dpcap_tiny.get_config()
-  c.steps = 6
-  c.data.size = 2_000
-  c.data.image_size = 16
-  c.tokenizer.max_len = 48
-  c.model.encoder.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64))
-  c.model.decoder.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
-  c.batch.expected_size = 32
-  c.batch.microbatch_size = 16
-  c.privacy.noise_multiplier = 1.0
-  c.privacy.target_epsilon = None
-  c.privacy.seed = 1234
-  c.privacy.update(privacy)
-  c.optimizer.warmup_steps = 2
-  c.log_every = 2
-  c.checkpoint_every = 3
-  c.evals = ml_collections.ConfigDict()  # tests/test_evals.py covers the evaluators
-  return c
+@pytest.fixture(scope="session")
+def dpclip_config():
+  """Builder of the demo DP-CLIP config shrunk to run a few steps in seconds.
+
+  `dpclip_config(mechanism="per_batch", **privacy)` returns a fresh config.
+  """
+  return configs_for_tests.small_dpclip_config
 
 
 @pytest.fixture
@@ -49,32 +49,17 @@ def bert_sized_vocab(tmp_path) -> str:
   return str(vocab)
 
 
-@pytest.fixture
-def small_config():
-  return small_dpcap_config()
+@pytest.fixture(scope="session")
+def cli():
+  """Runs `python -m dpvl.main` in the repository root: `cli(*args, env=None)`.
 
+  Returns the subprocess.CompletedProcess (stdout and stderr as text); `env` adds variables to
+  this process's environment.
+  """
 
-def small_dpclip_config(mechanism="per_batch", **privacy):
-  """The DP-CLIP demo config shrunk to run a few steps in seconds."""
-  from configs import dpclip_tiny  # pylint: disable=g-import-not-at-top
-  c = dpclip_tiny.get_config()
-  c.steps = 4
-  c.data.size = 1_000
-  c.data.image_size = 16
-  c.tokenizer.max_len = 32
-  c.model.encoder.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64))
-  c.model.text.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
-  c.model.embed_dim = 8
-  c.batch.expected_size = 32
-  c.batch.microbatch_size = 16
-  c.privacy.mechanism = mechanism
-  c.privacy.group_size = 8
-  c.privacy.noise_multiplier = 1.0
-  c.privacy.target_epsilon = None
-  c.privacy.seed = 1234
-  c.privacy.update(privacy)
-  c.optimizer.warmup_steps = 1
-  c.log_every = 2
-  c.checkpoint_every = 2
-  c.evals = ml_collections.ConfigDict()
-  return c
+  def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "dpvl.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, **(env or {})))
+
+  return run

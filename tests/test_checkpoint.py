@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-from conftest import small_dpcap_config
 import jax
 import numpy as np
 import pytest
@@ -37,12 +36,12 @@ CORRUPTIONS = {
 }
 
 
-def test_a_corrupted_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_one_before(tmp_path, dpcap_config):
   workdir = str(tmp_path)
-  config = small_dpcap_config()  # 6 steps, checkpoints at 0, 3 and 6
+  config = dpcap_config()  # 6 steps, checkpoints at 0, 3 and 6
   train.run(config, workdir, log=lambda *_: None)
   final = _params(workdir)
-  for number, (name, corrupt) in enumerate(CORRUPTIONS.items()):
+  for name, corrupt in CORRUPTIONS.items():
     corrupt(os.path.join(workdir, "checkpoints", "6"))
     logs = []
     entry = train.run(config, workdir, log=logs.append)

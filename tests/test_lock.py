@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 
-from conftest import small_dpcap_config
 import pytest
 
 from dpvl import lock as lock_lib
@@ -37,12 +36,12 @@ def test_a_stale_lock_is_reported_and_taken_over(tmp_path):
   assert any("stale lock" in line and str(gone.pid) in line for line in logs)
 
 
-def test_a_run_is_refused_at_once_while_another_process_holds_the_workdir(tmp_path):
+def test_a_run_is_refused_at_once_while_another_process_holds_the_workdir(tmp_path, dpcap_config):
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
   try:
     _hold(str(tmp_path), holder.pid)
     with pytest.raises(lock_lib.LockedError, match=f"in use by pid {holder.pid}"):
-      train.run(small_dpcap_config(), str(tmp_path), log=lambda *_: None)
+      train.run(dpcap_config(), str(tmp_path), log=lambda *_: None)
     assert sorted(os.listdir(tmp_path)) == ["lock"]  # nothing else was touched
   finally:
     holder.kill()

@@ -1,4 +1,4 @@
-"""The optimizer's settings and schedules (`config.optimizer`), and the loop's settings."""
+"""The optimizer's settings and schedules (`config.optimizer`)."""
 
 import jax.numpy as jnp
 import ml_collections
@@ -41,13 +41,3 @@ def test_no_weight_decay_on_biases_and_norms():
   updates, _ = tx.update(zero, tx.init(params), params)
   assert float(jnp.abs(updates["bias"]).max()) == 0.0  # no gradient, no decay
   assert float(jnp.abs(updates["kernel"]).max()) > 0.0  # decayed towards zero
-
-
-def test_the_loop_settings_are_typed_and_checked():
-  c = ml_collections.ConfigDict(dict(seed=0, log_every=10, checkpoint_every=50, init_from="",
-                                     data=dict(max_skip_fraction=0.05)))
-  t = config_lib.training(c)
-  assert (t.seed, t.log_every, t.checkpoint_every, t.data_workers) == (0, 10, 50, 0)
-  c.log_every = 0
-  with pytest.raises(config_lib.ConfigError, match="config.log_every"):
-    config_lib.training(c)

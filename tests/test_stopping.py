@@ -3,7 +3,6 @@
 import os
 import signal
 
-from conftest import small_dpcap_config
 import pytest
 
 from dpvl import checkpoint as checkpoint_lib
@@ -20,8 +19,8 @@ def _signal_at(step: int, times: int = 1, signum=signal.SIGINT):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, signum):
-  config = small_dpcap_config()  # 6 steps, checkpoints every 3
+def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, signum, dpcap_config):
+  config = dpcap_config()  # 6 steps, checkpoints every 3
   entry = train.run(config, str(tmp_path), log=lambda *_: None,
                     after_step=_signal_at(4, signum=signum))
   assert entry["status"] == "interrupted" and entry["steps_done"] == 4
@@ -36,8 +35,8 @@ def test_a_signal_stops_the_run_after_its_step_with_a_checkpoint(tmp_path, signu
   assert entry["status"] == "completed" and entry["steps_done"] == 6
 
 
-def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+def test_a_second_ctrl_c_aborts_at_once(tmp_path, dpcap_config):
   with pytest.raises(KeyboardInterrupt):
-    train.run(small_dpcap_config(), str(tmp_path), log=lambda *_: None,
+    train.run(dpcap_config(), str(tmp_path), log=lambda *_: None,
               after_step=_signal_at(2, times=2))
   assert not os.path.exists(tmp_path / "lock")

@@ -269,8 +269,8 @@ def calibrate_noise_multiplier(accountant: str, segment: Segment, *, target_epsi
       500 spends more).
 
   >>> run = Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=0.0, steps=1_000)
-  >>> round(calibrate_noise_multiplier("pld", run, target_epsilon=2.0, delta=1e-4), 3)
-  0.882
+  >>> round(calibrate_noise_multiplier("rdp", run, target_epsilon=2.0, delta=1e-4), 3)
+  0.945
   """
   def eps_at(sigma):
     return epsilon(accountant, [segment.replace(noise_multiplier=sigma)], delta)
@@ -319,8 +319,8 @@ def max_steps_within(accountant: str, done: Sequence[Segment], segment: Segment,
     k in [0, segment.steps]; 0 also when `done` alone spends more than `target_epsilon`.
 
   >>> run = Segment(dataset_size=10_000, sampling_rate=0.01, noise_multiplier=1.0, steps=1_000)
-  >>> max_steps_within("pld", [], run, target_epsilon=1.5, delta=1e-4)
-  983
+  >>> max_steps_within("rdp", [], run, target_epsilon=1.5, delta=1e-4)
+  690
   """
   def eps_after(k):
     return epsilon(accountant, [*done, segment.replace(steps=k)], delta)

@@ -7,10 +7,10 @@ loss of pair i in a batch is
 over the valid (unmasked) pairs of the batch. Pair i's loss depends on every other pair's
 embeddings, so clipping each pair's gradient of l_i bounds nothing: adding one pair moves every
 other l_i (it is a new negative for all of them), and the summed clipped gradients move by up
-to ~n C (`tests/test_contrastive.py` measures it). Two mechanisms bound the move instead. Both
-declare the L2 sensitivity Delta of the summed gradient under adding or removing one pair (the
-neighbouring relation of the accountant); the noise is N(0, (sigma Delta)^2 I), so the
-accountant's noise multiplier sigma means what it means for DP-SGD. Replacing a pair is a
+to ~n C (`tests/privacy/test_contrastive.py` measures it). Two mechanisms bound the move
+instead. Both declare the L2 sensitivity Delta of the summed gradient under adding or removing
+one pair (the neighbouring relation of the accountant); the noise is N(0, (sigma Delta)^2 I), so
+the accountant's noise multiplier sigma means what it means for DP-SGD. Replacing a pair is a
 removal plus an addition: 2 Delta.
 
 `per_batch` (Huang et al., DP-CLIP): the step's pairs are split into groups; each group's

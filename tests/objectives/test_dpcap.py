@@ -1,6 +1,6 @@
-"""ViT, text decoder, captioner and the DP-Cap per-example loss."""
+"""DP-Cap: the masked token loss, the captioner on real examples, per-example gradients,
+greedy decoding, the paper's model."""
 
-from conftest import small_dpcap_config
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,96 +9,9 @@ import pytest
 from configs import dpcap_laion233m
 from dpvl.data import sources
 from dpvl.data import tokenizers
-from dpvl.models import vit as vit_lib
-from dpvl.models.captioner import Captioner
-from dpvl.models.text import TextDecoder
-from dpvl.models.vit import ViT
 from dpvl.objectives import build_objective
 from dpvl.objectives import dpcap
 from dpvl.privacy import clipping
-
-
-def _vit(posemb, **kw):
-  return ViT(patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32, posemb=posemb, **kw)
-
-
-def _leaf_paths(tree):
-  return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def test_vit_shapes():
-  model = _vit("sincos2d")
-  images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
-  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
-  apply = jax.jit(model.apply, static_argnames="return_all_blocks")
-  out, blocks = apply({"params": params}, images, return_all_blocks=True)
-  assert out.shape == (3, 16, 16) and len(blocks) == 2
-  assert all(b.shape == (3, 16, 16) for b in blocks)
-  # `keep` selects patch tokens after the position embedding: keeping all in order is a no-op.
-  everything = jnp.broadcast_to(jnp.arange(16), (3, 16))
-  np.testing.assert_allclose(apply({"params": params}, images, keep=everything), out,
-                             atol=1e-5)
-  assert apply({"params": params}, images, keep=everything[:, :5]).shape == (3, 5, 16)
-
-
-@pytest.mark.parametrize("posemb, trained", [("sincos2d", False), ("learn", True)])
-def test_position_embeddings_are_trained_only_when_learned(posemb, trained):
-  shapes = jax.eval_shape(_vit(posemb).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  assert any("pos_embedding" in p for p in _leaf_paths(shapes)) == trained
-  with pytest.raises(ValueError):
-    jax.eval_shape(_vit("none").init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-
-
-def test_sincos2d_is_a_fixed_table():
-  table = vit_lib.sincos2d(3, 4, 8)
-  assert table.shape == (12, 8) and table.dtype == np.float32
-  np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)  # position (0, 0)
-  assert len({tuple(row) for row in np.round(table, 5)}) == 12  # every position differs
-  with pytest.raises(ValueError):
-    vit_lib.sincos2d(2, 2, 6)
-
-
-def test_qkv_bias_drops_only_the_query_key_value_biases():
-  images = jnp.zeros((1, 8, 8, 3))
-  paths = lambda model: _leaf_paths(jax.eval_shape(model.init, jax.random.key(0), images))
-  with_bias, without = paths(_vit("sincos2d")), paths(_vit("sincos2d", qkv_bias=False))
-  dropped = with_bias - without
-  assert without < with_bias and len(dropped) == 6  # query/key/value bias x 2 blocks
-  assert all(any(n in p for n in ("query", "key", "value")) and "bias" in p for p in dropped)
-
-
-def _decoder():
-  return TextDecoder(vocab_size=20, max_len=8, width=16, depth=2, num_heads=2, mlp_dim=32)
-
-
-def test_decoder_is_causal_and_reads_the_memory():
-  model = _decoder()
-  tokens = jnp.array([[1, 5, 6, 7, 8, 9, 2, 0]])
-  memory = jax.random.normal(jax.random.key(1), (1, 4, 16))
-  params = jax.jit(model.init)(jax.random.key(0), tokens, memory)["params"]
-  assert not any("bias" in p for p in _leaf_paths(params) if "norm" not in p)  # bias-free
-  apply = jax.jit(model.apply)
-  base = apply({"params": params}, tokens, memory)
-  assert base.shape == (1, 8, 20) and base.dtype == jnp.float32
-  for t in range(8):
-    changed = apply({"params": params}, tokens.at[0, t].set(11), memory)
-    np.testing.assert_allclose(base[0, :t], changed[0, :t], atol=1e-6)
-    assert not np.allclose(base[0, t:], changed[0, t:])
-  other_memory = apply({"params": params}, tokens, memory + 1.0)
-  assert not np.allclose(base, other_memory)
-  with pytest.raises(ValueError):
-    jax.eval_shape(model.apply, {"params": params}, jnp.zeros((1, 9), jnp.int32), memory)
-
-
-def test_captioner_bridges_the_widths():
-  model = Captioner(
-      encoder=dict(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, qkv_bias=False),
-      decoder=dict(vocab_size=20, max_len=6, width=24, depth=1, num_heads=2, mlp_dim=32))
-  images, tokens = jnp.zeros((2, 8, 8, 3)), jnp.zeros((2, 6), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
-  assert params["bridge"]["kernel"].shape == (16, 24) and "bias" not in params["bridge"]
-  assert jax.eval_shape(model.apply, {"params": params}, images, tokens).shape == (2, 6, 20)
-  hash(model)  # hashable: a static argument of jit
 
 
 def test_masked_token_loss_ignores_padding():
@@ -119,8 +32,8 @@ def test_masked_token_loss_ignores_padding():
 
 
 @pytest.fixture(scope="module")
-def small_objective():
-  config = small_dpcap_config()
+def small_objective(dpcap_config):
+  config = dpcap_config()
   objective = build_objective(config)
   params = jax.jit(objective.init)(jax.random.key(0))
   source = sources.build_source(config.data)
@@ -191,10 +104,10 @@ def test_dpcap_per_example_grads_match_a_loop(small_objective):
   losses, grads = vmapped(params, batch, rngs)
   single = jax.jit(jax.value_and_grad(objective.per_example_loss))
   for i in range(6):
-    example = jax.tree.map(lambda x: x[i], batch)
+    example = jax.tree.map(lambda x, i=i: x[i], batch)
     loss, grad = single(params, example, rngs[i])
     np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6),
+    jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6),
                  grads, grad)
   # One example's gradient depends on that example only.
   shifted = jax.tree.map(lambda x: x.at[1].set(x[2]), batch)
@@ -204,8 +117,8 @@ def test_dpcap_per_example_grads_match_a_loop(small_objective):
                              np.asarray(clipping.global_norms(grads))[others], rtol=1e-5)
 
 
-def test_dpcap_bfloat16_activations_keep_a_float32_loss():
-  config = small_dpcap_config()
+def test_dpcap_bfloat16_activations_keep_a_float32_loss(dpcap_config):
+  config = dpcap_config()
   config.model.dtype = "bfloat16"
   objective = build_objective(config)
   params = jax.jit(objective.init)(jax.random.key(0))
@@ -217,7 +130,7 @@ def test_dpcap_bfloat16_activations_keep_a_float32_loss():
   assert loss.dtype == jnp.float32 and np.isfinite(loss)
   assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   # Close to the float32 model's loss at the same parameters.
-  f32 = jax.jit(build_objective(small_dpcap_config()).per_example_loss)(params, example, None)
+  f32 = jax.jit(build_objective(dpcap_config()).per_example_loss)(params, example, None)
   np.testing.assert_allclose(loss, f32, rtol=0.05)
 
 

@@ -4,7 +4,6 @@ model, training with each mechanism, zero-shot and retrieval metrics, config err
 import json
 import math
 
-from conftest import small_dpclip_config
 import jax
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from dpvl import config as config_lib
 from dpvl import train
 from dpvl.data import sources
 from dpvl.evaluate import checkpoint as eval_checkpoint
-from dpvl.evaluate import retrieval
 from dpvl.objectives import build_objective
 from dpvl.privacy import contrastive
 from dpvl.privacy import plan as plan_lib
@@ -23,11 +21,11 @@ from dpvl.privacy.sampling import Selection
 GRADIENTS = dict(per_batch=contrastive.per_batch_gradient, logit_dp=contrastive.logit_dp_gradient)
 
 
-def test_plans_declare_each_mechanisms_sensitivity_and_scale_the_noise():
-  plans = {m: plan_lib.build_plan(small_dpclip_config(m))
+def test_plans_declare_each_mechanisms_sensitivity_and_scale_the_noise(dpclip_config):
+  plans = {m: plan_lib.build_plan(dpclip_config(m))
            for m in ("per_batch", "logit_dp")}
   pb, ld = plans["per_batch"], plans["logit_dp"]
-  c = small_dpclip_config()
+  c = dpclip_config()
   assert pb.sensitivity == 2 * c.privacy.clip_norm and pb.noise_std == 2 * pb.noise_multiplier
   assert pb.groups == pb.num_microbatches == round(32 / 8)
   assert pb.microbatch_size % 8 == 0
@@ -35,7 +33,7 @@ def test_plans_declare_each_mechanisms_sensitivity_and_scale_the_noise():
       c.privacy.clip_norm, c.model.temperature, ld.capacity))
   assert ld.noise_std == pytest.approx(ld.noise_multiplier * ld.sensitivity)
   # The accountant sees sigma = noise std / sensitivity: the same epsilon for every mechanism.
-  per_example = plan_lib.build_plan(small_dpclip_config("per_example"))
+  per_example = plan_lib.build_plan(dpclip_config("per_example"))
   assert pb.epsilon(4) == pytest.approx(per_example.epsilon(4), rel=1e-6)
   assert pb.summary()["truncation_probability"] < 1e-3 * pb.delta
 
@@ -55,9 +53,9 @@ def _grouped(table, indices, key, step, groups, cap):
 
 
 @pytest.fixture(scope="module")
-def per_batch_setup():
+def per_batch_setup(dpclip_config):
   """The small DP-CLIP model, 200 prepared records and a jitted clipped sum (noise off)."""
-  config = small_dpclip_config()
+  config = dpclip_config()
   objective = build_objective(config)
   params = objective.init(jax.random.key(0))
   source = sources.build_source(config.data)
@@ -98,8 +96,9 @@ def test_per_batch_sensitivity_is_never_exceeded(per_batch_setup, adversary):
 
 
 @pytest.mark.parametrize("mechanism", ["per_batch", "logit_dp"])
-def test_dpclip_trains_with_each_mechanism_and_reports_zero_shot_and_recall(tmp_path, mechanism):
-  config = small_dpclip_config(mechanism)
+def test_dpclip_trains_with_each_mechanism_and_reports_zero_shot_and_recall(tmp_path, mechanism,
+                                                                            dpclip_config):
+  config = dpclip_config(mechanism)
   config.evals = dict(
       zero_shot=evals.scene_zero_shot("colour", size=40, image_size=16),
       retrieval=evals.scene_retrieval(size=40, image_size=16))
@@ -115,42 +114,34 @@ def test_dpclip_trains_with_each_mechanism_and_reports_zero_shot_and_recall(tmp_
   for r in eval_rows:
     assert 0 <= r["zero_shot/top1"] <= 1 and r["zero_shot/chance"] == pytest.approx(1 / 7)
     assert {"retrieval/image_to_text_recall@1", "retrieval/text_to_image_recall@5"} <= set(r)
-  again = eval_checkpoint.evaluate_checkpoint(config, str(tmp_path))  # --mode=eval reproduces the row
+  # --mode=eval reproduces the row
+  again = eval_checkpoint.evaluate_checkpoint(config, str(tmp_path))
   assert again["zero_shot/top1"] == pytest.approx(eval_rows[-1]["zero_shot/top1"])
 
 
-def test_non_private_contrastive_baseline_runs(tmp_path):
-  config = small_dpclip_config("per_batch", enabled=False)
+def test_non_private_contrastive_baseline_runs(tmp_path, dpclip_config):
+  config = dpclip_config("per_batch", enabled=False)
   ledger = train.run(config, str(tmp_path), log=lambda *_: None)
   assert ledger["private"] is False and ledger["status"] == "completed"
 
 
 @pytest.mark.parametrize("objective_name,mechanism", [("dpclip", "per_example"),
                                                       ("dpcap", "logit_dp")])
-def test_mechanism_must_fit_the_objective(tmp_path, objective_name, mechanism):
-  from conftest import small_dpcap_config
-  config = (small_dpclip_config(mechanism) if objective_name == "dpclip"
-            else small_dpcap_config(mechanism=mechanism))
+def test_mechanism_must_fit_the_objective(tmp_path, objective_name, mechanism, dpcap_config,
+                                          dpclip_config):
+  config = (dpclip_config(mechanism) if objective_name == "dpclip"
+            else dpcap_config(mechanism=mechanism))
   if objective_name == "dpcap":
     config.model.temperature = 0.5
   with pytest.raises(config_lib.ConfigError, match="mechanism"):
     train.run(config, str(tmp_path), log=lambda *_: None)
 
 
-def test_recall_at_k_counts_ranks_in_both_directions():
-  sims = np.array([[0.9, 0.1, 0.0], [0.95, 0.5, 0.2], [0.0, 0.1, 0.3]])
-  got = retrieval.recall_at_k(sims, (1, 2))
-  assert got["image_to_text_recall@1"] == pytest.approx(2 / 3)  # image 1 ranks caption 0 first
-  assert got["text_to_image_recall@1"] == pytest.approx(2 / 3)  # caption 0 prefers image 1
-  assert got["image_to_text_recall@2"] == 1.0 and got["text_to_image_recall@2"] == 1.0
-
-
 @pytest.mark.parametrize("mechanism", ["per_batch", "logit_dp"])
-def test_paper_config_accounts_without_data_or_device(mechanism):
-  from test_train import _cli
-  out = _cli("--config=configs/dpclip_laion233m.py", "--mode=account",
-             f"--config.privacy.mechanism={mechanism}", "--config.privacy.noise_multiplier=0.42",
-             env=dict(JAX_PLATFORMS="tpu"))
+def test_paper_config_accounts_without_data_or_device(mechanism, cli):
+  out = cli("--config=configs/dpclip_laion233m.py", "--mode=account",
+            f"--config.privacy.mechanism={mechanism}", "--config.privacy.noise_multiplier=0.42",
+            env=dict(JAX_PLATFORMS="tpu"))
   assert out.returncode == 0, out.stderr
   summary = json.loads(out.stdout)
   assert summary["mechanism"] == mechanism and summary["expected_batch_size"] == 32_768
@@ -176,7 +167,7 @@ def test_paper_dual_encoder_builds_and_traces_at_full_size(bert_sized_vocab):
   mask = jax.ShapeDtypeStruct((2, 4), bool)
   for mechanism, how in (("per_batch", "exact"), ("logit_dp", "bound")):
     grad, metrics = jax.eval_shape(
-        lambda p, b, m: GRADIENTS[mechanism](
+        lambda p, b, m, mechanism=mechanism, how=how: GRADIENTS[mechanism](
             objective.dual_encoder, p, b, m, None, jax.random.key(0), clip_norm=1.0,
             noise_std=1.0, expected_batch_size=32_768, pair_norm_method=how),
         shapes, batch, mask)

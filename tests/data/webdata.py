@@ -1,12 +1,19 @@
 """Real tar shards for tests: img2dataset's layout (KEY.jpg, KEY.txt, KEY.json), PIL JPEGs,
-and the broken records a web crawl brings (each kind named by the reason it is counted as)."""
+and the broken records a web crawl brings (each kind named by the reason it is counted as).
 
+Tests import it as a module (`from tests.data import webdata`); the shards most tests share are
+the `shards` fixture of tests/data/conftest.py.
+"""
+
+import collections
 import io
 import json
 import tarfile
 
 import numpy as np
 from PIL import Image
+
+from dpvl.data import errors
 
 
 def jpeg(seed: int, height: int = 24, width: int = 30, fmt: str = "JPEG") -> bytes:
@@ -62,3 +69,16 @@ def write_shard(path, first: int, count: int, broken: dict | None = None,
     open(path, "wb").write(data[:last_jpg + 512 + 100])  # header + 100 bytes of the image
     captions.pop(first + count - 1, None)
   return captions
+
+
+def read_all(source):
+  """{key: record} of the readable records and the reasons of the others."""
+  good, bad = {}, collections.Counter()
+  for i in range(len(source)):
+    try:
+      record = source[i]
+    except errors.BadRecord as e:
+      bad[e.reason] += 1
+    else:
+      good[record["key"]] = record
+  return good, bad

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 
-from conftest import small_dpcap_config
 import pytest
 
 from dpvl import train
@@ -52,11 +51,11 @@ def _ledger(workdir):
     return json.load(f)
 
 
-def test_plain_resume_after_a_forced_one_keeps_every_segment_and_the_budget(tmp_path):
+def test_plain_resume_after_a_forced_one_keeps_every_segment_and_the_budget(tmp_path, dpcap_config):
   workdir = str(tmp_path)
-  first = small_dpcap_config(noise_multiplier=2.0)  # 6 steps
+  first = dpcap_config(noise_multiplier=2.0)  # 6 steps
   train.run(first, workdir, log=_quiet)
-  second = small_dpcap_config(noise_multiplier=0.8)
+  second = dpcap_config(noise_multiplier=0.8)
   second.steps = 12
   done = plan_lib.build_plan(first).segment(6)
   plan = plan_lib.build_plan(second)
@@ -80,13 +79,14 @@ def test_plain_resume_after_a_forced_one_keeps_every_segment_and_the_budget(tmp_
   assert any("is complete" in line for line in logs)
 
 
-def test_resume_with_a_changed_learning_rate_replays_with_fresh_noise(tmp_path, monkeypatch):
+def test_resume_with_a_changed_learning_rate_replays_with_fresh_noise(tmp_path, monkeypatch,
+                                                                       dpcap_config):
   keys = []
   noise_key = secrets_lib.RunSecrets.noise_key
   monkeypatch.setattr(secrets_lib.RunSecrets, "noise_key",
                       lambda self, segment, step: keys.append((segment, step))
                       or noise_key(self, segment, step))
-  config = small_dpcap_config()  # 6 steps, checkpoints every 3, metrics every 2
+  config = dpcap_config()  # 6 steps, checkpoints every 3, metrics every 2
   workdir = str(tmp_path)
   with pytest.raises(_Interrupt):
     train.run(config, workdir, log=_quiet, after_step=_crash_after(4))
@@ -110,9 +110,9 @@ def test_resume_with_a_changed_learning_rate_replays_with_fresh_noise(tmp_path, 
   assert any("optimizer.learning_rate" in line and "steps 4..4" in line for line in logs)
 
 
-def test_lost_checkpoints_never_make_the_ledger_forget(tmp_path):
+def test_lost_checkpoints_never_make_the_ledger_forget(tmp_path, dpcap_config):
   workdir = str(tmp_path)
-  config = small_dpcap_config()
+  config = dpcap_config()
   with pytest.raises(_Interrupt):  # released 4 steps; the last checkpoint is step 3
     train.run(config, workdir, log=_quiet, after_step=_crash_after(4))
   first = _ledger(workdir)
@@ -162,8 +162,8 @@ def test_the_last_segment_goes_on_only_when_it_is_recomputed_bit_for_bit():
   assert forced.start == 10 and forced.abandoned() == 0
 
 
-def test_replayed_steps_are_not_counted_twice_within_a_segment(tmp_path):
-  plan = plan_lib.build_plan(small_dpcap_config())
+def test_replayed_steps_are_not_counted_twice_within_a_segment(tmp_path, dpcap_config):
+  plan = plan_lib.build_plan(dpcap_config())
   ledger = ledger_lib.Ledger(str(tmp_path / "privacy.json"), plan,
                              ledger_lib.Resume((), 0, 4), "c", {})
   ledger.advance(3)  # a replay from the checkpoint at step 2
@@ -181,16 +181,16 @@ def test_the_further_ledger_wins_and_another_runs_is_refused():
     ledger_lib.latest(a, dict(b, run_id="r2"))
 
 
-def test_the_computation_fingerprint_sees_what_changes_a_step():
-  config = small_dpcap_config()
+def test_the_computation_fingerprint_sees_what_changes_a_step(dpcap_config):
+  config = dpcap_config()
   base = ledger_lib.computation_fingerprint(config)
   for field, value in (("log_every", 7), ("checkpoint_every", 9), ("privacy.seed", 99)):
-    changed = small_dpcap_config()
+    changed = dpcap_config()
     changed.update_from_flattened_dict({field: value})
     assert ledger_lib.computation_fingerprint(changed) == base, field
   for field, value in (("optimizer.learning_rate", 1e-4), ("batch.microbatch_size", 8),
                        ("model.decoder.depth", 2), ("data.source", "procedural"),
                        ("objective", "vip_mae")):
-    changed = small_dpcap_config()
+    changed = dpcap_config()
     changed.update_from_flattened_dict({field: value})
     assert ledger_lib.computation_fingerprint(changed) != base, field

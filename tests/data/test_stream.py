@@ -9,7 +9,7 @@ import pytest
 
 from dpvl.data import stream as stream_lib
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 TIMEOUT = 10  # seconds; only reached when a test fails
 
 

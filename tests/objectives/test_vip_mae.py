@@ -100,8 +100,8 @@ def test_mae_per_example_grads_match_a_loop_with_the_same_masks():
       params, batch, rngs)
   single = jax.jit(jax.grad(objective.per_example_loss))
   for i in range(6):
-    g = single(params, jax.tree.map(lambda x: x[i], batch), rngs[i])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-5),
+    g = single(params, jax.tree.map(lambda x, i=i: x[i], batch), rngs[i])
+    jax.tree.map(lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-5),
                  grads, g)
 
 

@@ -1,4 +1,5 @@
-"""The mesh, its shardings, the global batch, and the hosts' shares of a batch."""
+"""The mesh, its shardings, the global batch, the hosts' shares of a batch, and a training run
+sharded over a 2-device 'data' mesh (simulated CPU devices) that matches 1 device."""
 
 import os
 import subprocess
@@ -9,10 +10,12 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
+from dpvl import checkpoint as checkpoint_lib
+from dpvl import train
 from dpvl.parallel import mesh as mesh_lib
 from dpvl.privacy import sampling
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_the_mesh_has_one_data_axis_over_the_devices():
@@ -114,3 +117,35 @@ def test_host_slots_arguments_are_checked():
     mesh_lib.host_slots(2, 8, 2, 2)
   with pytest.raises(ValueError, match="divisible"):
     mesh_lib.host_slots(2, 6, 0, 4)
+
+
+# -- training on the mesh -------------------------------------------------------------------
+
+
+_TWO_DEVICES = """
+import sys, jax
+assert jax.device_count() == 2, jax.devices()
+from tests.configs_for_tests import small_dpcap_config
+from dpvl import train
+train.run(small_dpcap_config(), sys.argv[1], log=lambda *_: None)
+"""
+
+
+def _params(workdir):
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  params = ckpt.restore_state_arrays()["params"]
+  ckpt.close()
+  return params
+
+
+def test_two_device_data_parallel_run_matches_one_device(tmp_path, dpcap_config):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _TWO_DEVICES, str(tmp_path / "two")], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  train.run(dpcap_config(), str(tmp_path / "one"), log=lambda *_: None)
+  # Same batches, same noise (replicated parameters get identical draws on both devices); only
+  # the order of the float32 sums differs.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+               _params(str(tmp_path / "two")), _params(str(tmp_path / "one")))
