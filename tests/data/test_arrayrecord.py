@@ -1,27 +1,16 @@
 """The ArrayRecord source: its directory and index checked, DP training on converted records."""
 
 import json
-import types
 
-import ml_collections
 import pytest
 
 from dpvl import config as config_lib
 from dpvl import train
 from dpvl.data import arrayrecord
 from dpvl.data import sources
-
-
-def types_namespace(d):
-  return types.SimpleNamespace(**d)
-
-
-def _raises(match):
-  return pytest.raises(config_lib.ConfigError, match=match)
-
-
-def _data(**fields):
-  return ml_collections.ConfigDict(fields)
+from tests.helpers import data_config
+from tests.helpers import namespace
+from tests.helpers import raises_config_error
 
 
 def test_array_record_source_checks_its_directory(converted, tmp_path):
@@ -29,7 +18,7 @@ def test_array_record_source_checks_its_directory(converted, tmp_path):
     arrayrecord.ArrayRecordSource(str(tmp_path), 16)
   cfg = dict(source="array_record", image_size=16, size=1, seed=0)
   with pytest.raises(ValueError, match="data.path is required"):
-    sources.build_source(types_namespace(cfg))
+    sources.build_source(namespace(cfg))
   with pytest.raises(ValueError, match="data.crop"):
     arrayrecord.ArrayRecordSource(converted["out"], 16, crop="zoom")
   (tmp_path / "index.json").write_text("{not json")
@@ -38,21 +27,21 @@ def test_array_record_source_checks_its_directory(converted, tmp_path):
 
 
 def test_array_record_directory(tmp_path):
-  cfg = _data(source="array_record", path=str(tmp_path), image_size=16)
-  with _raises(r"data.path=.* has no index.json; .*dpvl.data.convert"):
+  cfg = data_config(source="array_record", path=str(tmp_path), image_size=16)
+  with raises_config_error(r"data.path=.* has no index.json; .*dpvl.data.convert"):
     sources.build_source(cfg)
   index = tmp_path / "index.json"
   index.write_text("{not json")
-  with _raises(f"{index} is not valid JSON"):
+  with raises_config_error(f"{index} is not valid JSON"):
     sources.build_source(cfg)
   index.write_text(json.dumps(dict(num_records=3)))
-  with _raises(f"{index} is not an index as .*dpvl.data.convert"):
+  with raises_config_error(f"{index} is not an index as .*dpvl.data.convert"):
     sources.build_source(cfg)
   index.write_text(json.dumps(dict(num_records=0, rejected={"corrupt_image": 2},
                                    shards=[dict(file="shard-00000.array_record", records=0)])))
-  with _raises(r"holds no record \(rejected: \{'corrupt_image': 2\}\)"):
+  with raises_config_error(r"holds no record \(rejected: \{'corrupt_image': 2\}\)"):
     sources.build_source(cfg)
-  with _raises("data.crop must be one of"):
+  with raises_config_error("data.crop must be one of"):
     arrayrecord.ArrayRecordSource(str(tmp_path), 16, crop="zoom")
 
 

@@ -5,16 +5,9 @@ import types
 import ml_collections
 import pytest
 
-from dpvl import config as config_lib
 from dpvl.data import sources
-
-
-def _raises(match):
-  return pytest.raises(config_lib.ConfigError, match=match)
-
-
-def _data(**fields):
-  return ml_collections.ConfigDict(fields)
+from tests.helpers import data_config
+from tests.helpers import raises_config_error
 
 
 @pytest.mark.parametrize("cfg, match", [
@@ -30,8 +23,8 @@ def _data(**fields):
      r"max_objects \(data.max_objects\) must be in \[1, 9\]"),
 ])
 def test_data_fields(cfg, match):
-  with _raises(match):
-    sources.build_source(_data(**cfg))
+  with raises_config_error(match):
+    sources.build_source(data_config(**cfg))
 
 
 def test_sources_by_name():

@@ -4,29 +4,18 @@
 import sys
 import types
 
-import ml_collections
 import numpy as np
 import pytest
 
-from dpvl import config as config_lib
 from dpvl.data import sources
-
-
-def types_namespace(d):
-  return types.SimpleNamespace(**d)
-
-
-def _raises(match):
-  return pytest.raises(config_lib.ConfigError, match=match)
-
-
-def _data(**fields):
-  return ml_collections.ConfigDict(fields)
+from tests.helpers import data_config
+from tests.helpers import namespace
+from tests.helpers import raises_config_error
 
 
 def test_tfds_source_is_optional_with_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
-  cfg = types_namespace(dict(source="tfds", name="cifar10", split="test", image_size=16))
+  cfg = namespace(dict(source="tfds", name="cifar10", split="test", image_size=16))
   with pytest.raises(ValueError, match="pip install tensorflow-datasets"):
     sources.build_source(cfg)
 
@@ -45,7 +34,7 @@ class _FakeTfds:
     images = [np.full((20, 24, 1 if i % 2 else 3), i, np.uint8) for i in range(6)]
 
     class Builder:
-      info = types_namespace(dict(features=dict(label=types_namespace(dict(num_classes=10)))))
+      info = namespace(dict(features=dict(label=namespace(dict(num_classes=10)))))
 
       def is_prepared(self):
         return fake.prepared
@@ -61,7 +50,7 @@ class _FakeTfds:
 
 
 def test_tfds_labelled_source_with_a_stand_in_for_tfds(monkeypatch):
-  cfg = types_namespace(dict(source="tfds", name="cifar10", split="test", image_size=16,
+  cfg = namespace(dict(source="tfds", name="cifar10", split="test", image_size=16,
                              data_dir="/data/tfds", manual_dir=""))
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", _FakeTfds(prepared=True))
   source = sources.build_source(cfg)
@@ -105,16 +94,18 @@ class _FakeTfdsTestSplitOnly:
 
 
 def test_tfds_source(monkeypatch):
-  cfg = _data(source="tfds", name="cifar11", split="tset", image_size=16, data_dir="/d")
+  cfg = data_config(source="tfds", name="cifar11", split="tset", image_size=16, data_dir="/d")
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
-  with _raises("pip install tensorflow-datasets"):
+  with raises_config_error("pip install tensorflow-datasets"):
     sources.build_source(cfg)
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", _FakeTfdsTestSplitOnly())
-  with _raises(r"^data.name='cifar11': Dataset cifar11 not found.$"):  # the first line only
+  # the first line only
+  with raises_config_error(r"^data.name='cifar11': Dataset cifar11 not found.$"):
     sources.build_source(cfg)
   cfg.name = "cifar10"
-  with _raises(r"data.split='tset' of TFDS dataset 'cifar10' cannot be read: Unknown split"):
+  with raises_config_error(
+      r"data.split='tset' of TFDS dataset 'cifar10' cannot be read: Unknown split"):
     sources.build_source(cfg)
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", _FakeTfdsTestSplitOnly(prepared=False))
-  with _raises(r"not prepared in data_dir='/d'.*data.manual_dir"):
+  with raises_config_error(r"not prepared in data_dir='/d'.*data.manual_dir"):
     sources.build_source(cfg)

@@ -6,9 +6,9 @@ import types
 import numpy as np
 import pytest
 
-from dpvl import config as config_lib
 from dpvl.data import shape_scenes
 from dpvl.data import tokenizers
+from tests.helpers import raises_config_error
 
 
 def _byte(max_len):
@@ -113,33 +113,29 @@ def test_sentencepiece_tokenizer_from_a_model_file(tmp_path):
         type="sentencepiece", vocab_file=str(tmp_path / "bad.model"), max_len=8))
 
 
-def _raises(match):
-  return pytest.raises(config_lib.ConfigError, match=match)
-
-
 def _tokenizer(type_, vocab_file="", max_len=8):
   return tokenizers.build_tokenizer(types.SimpleNamespace(type=type_, vocab_file=vocab_file,
                                                           max_len=max_len))
 
 
 def test_tokenizer_fields(tmp_path, monkeypatch):
-  with _raises("tokenizer.max_len must be an integer >= 2, got 1"):
+  with raises_config_error("tokenizer.max_len must be an integer >= 2, got 1"):
     _tokenizer("byte", max_len=1)
-  with _raises("tokenizer.vocab_file='' is not a readable file"):
+  with raises_config_error("tokenizer.vocab_file='' is not a readable file"):
     _tokenizer("wordpiece")
   (tmp_path / "latin1.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
-  with _raises("tokenizer.vocab_file=.*latin1.txt' cannot be read"):
+  with raises_config_error("tokenizer.vocab_file=.*latin1.txt' cannot be read"):
     _tokenizer("wordpiece", str(tmp_path / "latin1.txt"))
   (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\na\n")
-  with _raises(r"lacks \['\[CLS\]', '\[SEP\]'\]"):
+  with raises_config_error(r"lacks \['\[CLS\]', '\[SEP\]'\]"):
     _tokenizer("wordpiece", str(tmp_path / "vocab.txt"))
-  with _raises("tokenizer.vocab_file=.*/none.model' is not a readable file"):
+  with raises_config_error("tokenizer.vocab_file=.*/none.model' is not a readable file"):
     _tokenizer("sentencepiece", str(tmp_path / "none.model"))
   (tmp_path / "bad.model").write_bytes(b"nonsense")
-  with _raises("is not a sentencepiece model"):
+  with raises_config_error("is not a sentencepiece model"):
     _tokenizer("sentencepiece", str(tmp_path / "bad.model"))
   monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if not installed
-  with _raises("pip install sentencepiece"):
+  with raises_config_error("pip install sentencepiece"):
     _tokenizer("sentencepiece", str(tmp_path / "bad.model"))
 
 
@@ -150,5 +146,5 @@ def test_sentencepiece_model_without_bos_or_eos(tmp_path):
       sentence_iterator=iter([scenes[i]["caption"] for i in range(200)]),
       model_prefix=str(tmp_path / "no_eos"), vocab_size=30, model_type="unigram", bos_id=-1,
       eos_id=-1, minloglevel=2)
-  with _raises("has no BOS or EOS piece"):
+  with raises_config_error("has no BOS or EOS piece"):
     _tokenizer("sentencepiece", str(tmp_path / "no_eos.model"))

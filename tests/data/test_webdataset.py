@@ -5,7 +5,6 @@ import collections
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -19,14 +18,8 @@ from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import sampling
 from dpvl.privacy import secrets as secrets_lib
 from tests.data import webdata
-
-
-def _raises(match):
-  return pytest.raises(config_lib.ConfigError, match=match)
-
-
-def _data(**fields):
-  return ml_collections.ConfigDict(fields)
+from tests.helpers import data_config
+from tests.helpers import raises_config_error
 
 
 def test_expand_shards(tmp_path):
@@ -103,15 +96,15 @@ def test_a_shard_lost_after_indexing_makes_its_records_missing(tmp_path):
 
 
 def test_webdataset_shards(tmp_path):
-  with _raises("names no tar shard"):
+  with raises_config_error("names no tar shard"):
     webdataset.WebDatasetSource(str(tmp_path / "*.tar"), 16)
-  with _raises("data.crop must be one of"):
+  with raises_config_error("data.crop must be one of"):
     webdataset.WebDatasetSource(str(tmp_path / "a.tar"), 16, crop="zoom")
-  with _raises(r"no complete record \(1 shards listed, 1 missing"):
+  with raises_config_error(r"no complete record \(1 shards listed, 1 missing"):
     webdataset.WebDatasetSource(str(tmp_path / "a.tar"), 16)
   webdata.write_shard(tmp_path / "00.tar", 0, 2)
-  with _raises(r"names a directory, .*; name its tar shards"):
-    sources.build_source(_data(source="webdataset", path=str(tmp_path), image_size=16))
+  with raises_config_error(r"names a directory, .*; name its tar shards"):
+    sources.build_source(data_config(source="webdataset", path=str(tmp_path), image_size=16))
   assert len(webdataset.WebDatasetSource(str(tmp_path / "*.tar"), 16)) == 2
 
 

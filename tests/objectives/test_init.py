@@ -4,12 +4,8 @@ model field a module would reject at init fails at build with a ConfigError nami
 import pytest
 
 from configs import vip_tiny
-from dpvl import config as config_lib
 from dpvl import objectives
-
-
-def _raises(match):
-  return pytest.raises(config_lib.ConfigError, match=match)
+from tests.helpers import raises_config_error
 
 
 def _small_vip_config():
@@ -59,12 +55,12 @@ def test_model_fields_fail_at_build_not_at_init(objective, field, value, match, 
     section = section[parent]
   with section.ignore_type():
     section[name] = value
-  with _raises(match):
+  with raises_config_error(match):
     objectives.build_objective(config)
 
 
 def test_a_missing_model_field_is_named(dpcap_config):
   config = dpcap_config()
   del config.model.encoder["mlp_dim"]
-  with _raises("config.model.encoder.mlp_dim is missing"):
+  with raises_config_error("config.model.encoder.mlp_dim is missing"):
     objectives.build_objective(config)
