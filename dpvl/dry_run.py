@@ -8,13 +8,11 @@ times the number of micro-batches (which counts the noise and the update once pe
 an overestimate by a few parameter-sized operations).
 """
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from dpvl import objectives
 from dpvl import optim
 from dpvl import train
 from dpvl.parallel import mesh as mesh_lib
@@ -41,18 +39,11 @@ def compile_step(config, devices=None) -> dict:
     temporaries, total), the mesh, and whether the total fits each device's memory (None when
     the platform does not say).
   """
-  train.check_settings(config)
-  objective = objectives.build_objective(config)
-  plan = plan_lib.build_plan(config)
-  gradient = plan.mechanism.gradient(objective)
-  mesh = mesh_lib.make_mesh(devices)
-  mesh_lib.check_microbatch_size(mesh, plan.microbatch_size)
-  optimizer = optim.make_optimizer(optim.settings(config), plan.configured_steps)
-  replicated = mesh_lib.replicated(mesh)
-  init = functools.partial(train.init_state, objective, optimizer, config.seed)
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), jax.eval_shape(init))
-  step = jax.jit(train.make_train_step(gradient, optimizer, plan), donate_argnums=0)
+  setup = train.check(config, workdir=None, devices=devices)  # no data is read
+  objective, plan, mesh = setup.objective, setup.plan, setup.mesh
+  optimizer = optim.make_optimizer(setup.optimizer, plan.configured_steps)
+  _, abstract_state = train.abstract_state(setup, optimizer)
+  step = jax.jit(train.make_train_step(setup.gradient, optimizer, plan), donate_argnums=0)
   key = jax.eval_shape(lambda: jax.random.key(0))
 
   def compiled(num_microbatches):

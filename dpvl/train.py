@@ -53,7 +53,7 @@ class Setup:
   optimizer: optim.Settings
   plan: plan_lib.PrivacyPlan
   objective: objectives.Objective
-  source: object
+  source: object | None  # None when the run reads no data (--mode=compile)
   mesh: jax.sharding.Mesh
   gradient: Callable
 
@@ -72,28 +72,43 @@ def check_settings(config) -> tuple[config_lib.Training, optim.Settings]:
   return training, optimizer
 
 
-def check(config, workdir: str) -> Setup:
+def check(config, workdir: str | None, devices=None) -> Setup:
   """Checks everything a config or a path can get wrong, cheapest first, before any compute.
 
   Args:
     config: the run's config.
-    workdir: the run directory.
+    workdir: the run directory; None for a run without data (`--mode=compile`): then neither
+      the workdir nor the data source is checked, and `Setup.source` is None.
+    devices: the devices of the mesh; default `jax.devices()`.
 
   Returns:
     The checked setup; ConfigError with one sentence naming the field or path otherwise.
   """
-  _check_workdir(workdir)
+  source = None
+  if workdir is not None:
+    _check_workdir(workdir)
   training, optimizer = check_settings(config)
-  source = sources.build_source(config.data)  # a wrong path or index, a bad model field fail
-  objective = objectives.build_objective(config)  # here, before the calibration of sigma
+  if workdir is not None:  # a wrong path or index, a bad model field fail here, before the
+    source = sources.build_source(config.data)  # calibration of sigma
+  objective = objectives.build_objective(config)
   plan = plan_lib.build_plan(config)
-  config_lib.check(len(source) == plan.dataset_size,
-                   f"config.data.size={plan.dataset_size} but the source holds {len(source)} "
-                   "records.")
+  config_lib.check(source is None or len(source) == plan.dataset_size,
+                   f"config.data.size={plan.dataset_size} but the source holds "
+                   f"{0 if source is None else len(source)} records.")
   gradient = plan.mechanism.gradient(objective)
-  mesh = mesh_lib.make_mesh()
+  mesh = mesh_lib.make_mesh(devices)
   mesh_lib.check_microbatch_size(mesh, plan.microbatch_size)
   return Setup(training, optimizer, plan, objective, source, mesh, gradient)
+
+
+def abstract_state(setup: Setup, optimizer: optax.GradientTransformation):
+  """(init, abstract): the state's initialiser and its shapes, dtypes and (replicated)
+  shardings, without computing it."""
+  init = functools.partial(init_state, setup.objective, optimizer, setup.training.seed)
+  replicated = mesh_lib.replicated(setup.mesh)
+  return init, jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      jax.eval_shape(init))
 
 
 def _check_workdir(workdir: str) -> None:
@@ -314,9 +329,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   training, plan, objective = setup.training, setup.plan, setup.objective
   optimizer = optim.make_optimizer(setup.optimizer, plan.configured_steps)
   replicated = mesh_lib.replicated(setup.mesh)
-  init = functools.partial(init_state, objective, optimizer, training.seed)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                          jax.eval_shape(init))
+  init, abstract = abstract_state(setup, optimizer)
 
   # --- Plan: the checkpoint and the ledger decide the secrets, the segment and the plan. -----
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
