@@ -43,6 +43,17 @@ def batch(expected_size: int, microbatch_size: int, **extra) -> ml_collections.C
                                         microbatch_size=microbatch_size, **extra))
 
 
+def mesh(**overrides) -> ml_collections.ConfigDict:
+  """Every device on the data axis; the state sharded over `fsdp` when it has more than one
+  (`dpvl.parallel.mesh`: axis sizes, -1 for the rest, and the (regex, strategy) rules)."""
+  c = ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, model=1,
+      rules=((".*", "fsdp"),),  # first match decides: "fsdp", "replicate" or a spec tuple
+      fsdp_min_size=2**16))  # leaves with fewer elements stay replicated
+  c.update(overrides)
+  return c
+
+
 def privacy(**overrides) -> ml_collections.ConfigDict:
   """DP-SGD at epsilon 8 (PLD accountant, delta = 1/N, C = 1), sigma calibrated to it."""
   c = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ def get_config():
 
   c.batch = common.batch(expected_size=1_310_720,
                          microbatch_size=16_384)  # 128 per device on 128 devices
+  c.mesh = common.mesh()
   c.privacy = common.privacy()
   c.optimizer = common.optimizer(learning_rate=5.12e-4, warmup_steps=2_000)
 

@@ -21,6 +21,7 @@ def get_config():
       decoder=dict(width=64, depth=2, num_heads=4, mlp_dim=128)))
 
   c.batch = common.batch(expected_size=256, microbatch_size=64)
+  c.mesh = common.mesh()
   c.privacy = common.privacy()
   c.optimizer = common.optimizer(learning_rate=2e-3, warmup_steps=15)
 

@@ -35,6 +35,7 @@ def get_config():
       expected_size=32_768,
       microbatch_size=2_048,  # logit_dp's micro-batch (16 per device on 128 devices)
       slot_multiple=128)      # per_batch: a group's slots split evenly over 128 devices
+  c.mesh = common.mesh()
   c.privacy = common.privacy(mechanism="per_batch", group_size=1_024, pair_norms="bound")
   c.optimizer = common.optimizer(learning_rate=5e-4, warmup_steps=1_000, b2=0.98,
                                  weight_decay=0.2)

@@ -31,6 +31,7 @@ def get_config():
       expected_size=1_024,
       microbatch_size=64,  # logit_dp's micro-batch; per_batch uses one per group
       slot_multiple=8)     # per_batch: group slots rounded up to a multiple of this
+  c.mesh = common.mesh()
   c.privacy = common.privacy(
       mechanism="per_batch",  # or "logit_dp"
       group_size=64,          # per_batch: expected pairs per group

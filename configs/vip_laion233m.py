@@ -28,6 +28,7 @@ def get_config():
       decoder=dict(width=512, depth=4, num_heads=16, mlp_dim=2048)))
 
   c.batch = common.batch(expected_size=98_304, microbatch_size=4_096)
+  c.mesh = common.mesh()
   c.privacy = common.privacy(
       clip_norm=0.1, delta=1 / (2 * laion.N),
       accountant="rdp")  # the paper's accountant; PLD gives 6.83 at sigma 0.48

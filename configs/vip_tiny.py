@@ -25,6 +25,7 @@ def get_config():
       decoder=dict(width=64, depth=1, num_heads=4, mlp_dim=128)))
 
   c.batch = common.batch(expected_size=1_024, microbatch_size=128)
+  c.mesh = common.mesh()
   c.privacy = common.privacy(clip_norm=0.1)
   c.optimizer = common.optimizer(learning_rate=5e-3, warmup_steps=25)
 

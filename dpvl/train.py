@@ -96,19 +96,24 @@ def check(config, workdir: str | None, devices=None) -> Setup:
                    f"config.data.size={plan.dataset_size} but the source holds "
                    f"{0 if source is None else len(source)} records.")
   gradient = plan.mechanism.gradient(objective)
-  mesh = mesh_lib.make_mesh(devices)
+  mesh = mesh_lib.make_mesh(config, devices)
   mesh_lib.check_microbatch_size(mesh, plan.microbatch_size)
   return Setup(training, optimizer, plan, objective, source, mesh, gradient)
 
 
-def abstract_state(setup: Setup, optimizer: optax.GradientTransformation):
-  """(init, abstract): the state's initialiser and its shapes, dtypes and (replicated)
-  shardings, without computing it."""
+def abstract_state(config, setup: Setup, optimizer: optax.GradientTransformation):
+  """(init, abstract): the state's initialiser and its shapes, dtypes and shardings (from
+  `config.mesh.rules`, `mesh_lib.state_shardings`), without computing it."""
   init = functools.partial(init_state, setup.objective, optimizer, setup.training.seed)
-  replicated = mesh_lib.replicated(setup.mesh)
+  shapes = jax.eval_shape(init)
+  shardings = mesh_lib.state_shardings(shapes, setup.mesh, config)
   return init, jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      jax.eval_shape(init))
+      lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, shardings)
+
+
+def shardings_of(abstract):
+  """The pytree of shardings of an abstract state (or of its params)."""
+  return jax.tree.map(lambda s: s.sharding, abstract)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -149,13 +154,14 @@ def init_state(objective, optimizer: optax.GradientTransformation, seed: int) ->
   return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
+def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan, param_shardings=None):
   """The train step: private gradient, then the optimizer's update.
 
   Args:
     gradient: `plan.mechanism.gradient(objective)`.
     optimizer: the optax transformation.
     plan: the privacy plan (clip norm, noise std, expected batch size, enabled).
+    param_shardings: the parameters' shardings (the noise is drawn shard by shard), or None.
 
   Returns:
     step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted; batch and
@@ -170,7 +176,8 @@ def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan):
     grad, metrics = gradient(
         state["params"], batch, mask, rngs, noise_key,
         clip_norm=plan.clip_norm, noise_std=plan.noise_std,
-        expected_batch_size=plan.expected_batch_size, enabled=plan.enabled)
+        expected_batch_size=plan.expected_batch_size, enabled=plan.enabled,
+        shardings=param_shardings)
     updates, opt_state = optimizer.update(grad, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return dict(params=params, opt_state=opt_state, step=t + 1), metrics
@@ -298,7 +305,7 @@ def final_status(final: int, plan: plan_lib.PrivacyPlan, signal_name: str | None
 
 
 def run(config, workdir: str, force_resume: bool = False, force_restart: bool = False,
-        log=print, after_step: Callable[[int], None] | None = None) -> dict:
+        log=print, after_step: Callable[[int], None] | None = None, devices=None) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint.
 
   Args:
@@ -310,12 +317,13 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
     log: where the one-line progress and status messages go.
     after_step: called with the global step after each step's metrics and ledger are written,
       before its checkpoint (tests inject faults here).
+    devices: the devices of the mesh (`config.mesh`); default `jax.devices()`.
 
   Returns:
     The final ledger entry (as in privacy.json).
   """
   # --- Checks: nothing below can fail on a config or a path. --------------------------------
-  setup = check(config, workdir)
+  setup = check(config, workdir, devices)
   evaluators = evaluate.build_evaluators(config, setup.objective)  # loads their data
   os.makedirs(workdir, exist_ok=True)
   with lock_lib.WorkdirLock(workdir, log), stopping.StopRequests(log) as stop:
@@ -328,8 +336,8 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   """`run` once its checks passed and it holds the workdir."""
   training, plan, objective = setup.training, setup.plan, setup.objective
   optimizer = optim.make_optimizer(setup.optimizer, plan.configured_steps)
-  replicated = mesh_lib.replicated(setup.mesh)
-  init, abstract = abstract_state(setup, optimizer)
+  init, abstract = abstract_state(config, setup, optimizer)
+  shardings = shardings_of(abstract)
 
   # --- Plan: the checkpoint and the ledger decide the secrets, the segment and the plan. -----
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -354,9 +362,9 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
 
   # --- State: restored, or initialised (and warm-started). ---------------------------------
   if restored is None:
-    state = jax.jit(init, out_shardings=replicated)()
+    state = jax.jit(init, out_shardings=shardings)()  # created sharded
     if "init_from" in header:
-      state = dict(state, params=jax.device_put(warm_params, replicated))
+      state = dict(state, params=jax.device_put(warm_params, shardings["params"]))
     save(ckpt, ledger, state, opening.secrets, 0, "running")  # the secrets are fixed from here
   else:
     state = restored[1]
@@ -364,7 +372,8 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   start = int(state["step"])
 
   # --- Step: the private step, jitted; its noise key is this segment's key of the step. ------
-  train_step = jax.jit(make_train_step(setup.gradient, optimizer, plan), donate_argnums=0)
+  train_step = jax.jit(make_train_step(setup.gradient, optimizer, plan, shardings["params"]),
+                       donate_argnums=0)
   segment = opening.resumed.segment_index  # keys the segment's sampling, noise and groups
   example_key = jax.random.key(training.seed)
   batch_sharding = mesh_lib.batch_sharding(setup.mesh)
@@ -372,10 +381,10 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   # --- Data: the segment's Poisson sampler; each host loads its share, a step ahead. --------
   sampler = sampling.PoissonSampler(plan.dataset_size, plan.sampling_rate, plan.capacity,
                                     opening.secrets.sampler_seed(segment))
+  block, blocks = mesh_lib.host_block(setup.mesh, plan.microbatch_size)
   loader = loader_lib.BatchLoader(setup.source, objective.prepare, objective.example_spec,
                                   plan.num_microbatches, plan.microbatch_size,
-                                  processes=training.data_workers, host=jax.process_index(),
-                                  num_hosts=jax.process_count())
+                                  processes=training.data_workers, host=block, num_hosts=blocks)
   stream = stream_lib.BatchStream(
       functools.partial(select_and_load, sampler, plan, opening.secrets.group_salt(segment),
                         loader), start, plan.steps)

@@ -18,6 +18,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from dpvl.parallel import mesh as mesh_lib
+
 LossFn = Callable[[Any, Any, jax.Array], jax.Array]
 
 
@@ -108,7 +110,8 @@ def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: floa
     finite losses), `nonfinite` (valid examples dropped), `norms` ([num_micro, micro] unclipped
     norms, 0 on padding).
   """
-  value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0))
+  value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0),
+                            spmd_axis_name=mesh_lib.BATCH_AXES)  # examples: split over them
 
   def micro_fn(params, micro, m, r):
     losses, grads = value_and_grad(params, micro, r)
@@ -135,7 +138,7 @@ def grad_sum(loss_fn: LossFn, params, batch, mask, rngs):
     (grad_sum in float32, shaped like `params`, stats) as `clipped_grad_sum`'s, but
     `loss_sum` sums every valid loss, finite or not, and `norms` is all zeros.
   """
-  losses_fn = jax.vmap(loss_fn, in_axes=(None, 0, 0))
+  losses_fn = jax.vmap(loss_fn, in_axes=(None, 0, 0), spmd_axis_name=mesh_lib.BATCH_AXES)
 
   def micro_fn(params, micro, m, r):
     def total(p):

@@ -213,7 +213,7 @@ def hash_groups(selection: Selection, key: int, step: int, groups: int,
 
 def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                        clip_norm: float, noise_std: float, expected_batch_size: int,
-                       enabled: bool = True, **_):
+                       enabled: bool = True, shardings=None, **_):
   """Per-batch clipping: micro-batch g of `batch` [groups, capacity, ...] is group g.
 
   Padding is embedded as the zero placeholder. A group whose loss or gradient is not finite (a
@@ -233,6 +233,7 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     noise_std: sigma * Delta = sigma * 2C, the noise's standard deviation.
     expected_batch_size: q * N, the divisor.
     enabled: False for the non-private baseline (no clipping, no noise).
+    shardings: the parameters' shardings (`dpsgd.noisy_mean`), or None.
 
   Returns:
     (gradient estimate shaped like `params`, metrics of `dpsgd.noisy_mean`); there,
@@ -262,7 +263,8 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
   stats["clipped_fraction"] = jnp.sum(nonempty & (stats["norms"] > clip_norm)) / groups
   stats["grad_norm_mean"] = jnp.sum(stats["norms"]) / groups
   return dpsgd.noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
-                          expected_batch_size=expected_batch_size, enabled=enabled)
+                          expected_batch_size=expected_batch_size, enabled=enabled,
+                          shardings=shardings)
 
 
 def _gram(embed, params, example):
@@ -378,7 +380,8 @@ def pairwise_cotangents(u, v, gram_u, gram_v, valid, *, temperature: float, clip
 
 def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                       clip_norm: float, noise_std: float, expected_batch_size: int,
-                      enabled: bool = True, pair_norm_method: str = "exact", **_):
+                      enabled: bool = True, pair_norm_method: str = "exact", shardings=None,
+                      **_):
   """Logit-DP over the whole logical batch [num_micro, micro, ...], in two passes.
 
   Pass 1 embeds every example (and, when private, forms its Gram matrices); the pairwise
@@ -406,6 +409,7 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
     enabled: False for the non-private baseline (no clipping, no noise, no Gram matrices).
     pair_norm_method: "exact" (keeps the Gram matrices, O(n d^2) memory) or "bound" (keeps only
       their largest eigenvalues, O(n)).
+    shardings: the parameters' shardings (`dpsgd.noisy_mean`), or None.
 
   Returns:
     (gradient estimate shaped like `params`, metrics of `dpsgd.noisy_mean`); there,
@@ -455,5 +459,6 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
                           (batch, valid, cot_u, cot_v))
   stats["nonfinite"] = jnp.sum(mask & ~finite)
   return dpsgd.noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
-                          expected_batch_size=expected_batch_size, enabled=enabled)
+                          expected_batch_size=expected_batch_size, enabled=enabled,
+                          shardings=shardings)
 

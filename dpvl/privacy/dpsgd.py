@@ -16,7 +16,8 @@ from dpvl.privacy import noise
 
 
 def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm: float,
-                     noise_std: float, expected_batch_size: int, enabled: bool = True):
+                     noise_std: float, expected_batch_size: int, enabled: bool = True,
+                     shardings=None):
   """Returns (gradient estimate, stats) for one logical step.
 
   Args:
@@ -26,6 +27,7 @@ def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm
     clip_norm, noise_std: C and sigma * C from the privacy plan.
     expected_batch_size: q * N, the divisor.
     enabled: False for the non-private baseline (no clipping, no noise).
+    shardings: the parameters' shardings (`noisy_mean`), or None.
 
   Returns:
     (gradient estimate, metrics), as `noisy_mean` gives them.
@@ -38,11 +40,12 @@ def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm
   else:
     total, stats = clipping.grad_sum(loss_fn, params, batch, mask, rngs)
   return noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
-                    expected_batch_size=expected_batch_size, enabled=enabled)
+                    expected_batch_size=expected_batch_size, enabled=enabled,
+                    shardings=shardings)
 
 
 def noisy_mean(total, stats, mask, noise_key, *, noise_std: float, expected_batch_size: int,
-               enabled: bool):
+               enabled: bool, shardings=None):
   """(total + N(0, noise_std^2 I) when `enabled`) / expected batch size, and the step's metrics.
 
   The one place where a private step adds its noise and divides: every mechanism (per-example
@@ -57,14 +60,18 @@ def noisy_mean(total, stats, mask, noise_key, *, noise_std: float, expected_batc
     noise_std: sigma * C, the noise's standard deviation.
     expected_batch_size: q * N, the divisor (a public constant).
     enabled: False for the non-private baseline (no noise).
+    shardings: None, or the parameters' shardings: the noise is drawn, and the estimate laid
+      out, shard by shard (`noise.add_gaussian_noise`).
 
   Returns:
     (gradient estimate shaped like `total`, metrics): `loss` (mean over valid, finite
     examples), `examples` (valid), `nonfinite`, and when enabled `clipped_fraction` and
     `grad_norm_mean`.
   """
+  if shardings is not None:
+    total = jax.lax.with_sharding_constraint(total, shardings)
   if enabled:
-    total = noise.add_gaussian_noise(total, noise_key, noise_std)
+    total = noise.add_gaussian_noise(total, noise_key, noise_std, shardings)
   grad = jax.tree.map(lambda g: g / expected_batch_size, total)
   examples = jnp.sum(mask)
   metrics = dict(

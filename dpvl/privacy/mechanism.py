@@ -24,8 +24,8 @@ from dpvl.privacy import contrastive
 from dpvl.privacy import dpsgd
 from dpvl.privacy import sampling
 
-# (params, batch, mask, rngs, noise_key, *, clip_norm, noise_std, expected_batch_size, enabled)
-#   -> (gradient estimate, metrics)
+# (params, batch, mask, rngs, noise_key, *, clip_norm, noise_std, expected_batch_size, enabled,
+#  shardings) -> (gradient estimate, metrics); shardings: the parameters' (or None)
 GradientFn = Callable[..., Any]
 
 
