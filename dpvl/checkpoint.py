@@ -1,6 +1,7 @@
 """Orbax checkpoints of a run: train state (params, optimizer state, step) plus a JSON meta item
 (the ledger and the run's root secret, `privacy.secrets`). Saves are atomic (orbax writes to a
-temporary directory and renames); the newest `max_to_keep` are kept.
+temporary directory and renames); the newest `max_to_keep` are kept. In a multi-process run
+every process saves and restores its own shards of the state (call each method on all).
 
 The meta item holds the run's root secret: keep checkpoints private, publish parameters only.
 """
@@ -9,6 +10,8 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from dpvl.parallel import hosts
 
 
 class Checkpointer:
@@ -75,12 +78,15 @@ class Checkpointer:
         return step, state, meta
       except Exception as e:  # pylint: disable=broad-except  # orbax and tensorstore vary
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        os.makedirs(set_aside, exist_ok=True)
-        target, copies = os.path.join(set_aside, str(step)), 0
-        while os.path.exists(target):  # set aside before
-          copies += 1
-          target = os.path.join(set_aside, f"{step}.{copies}")
-        os.replace(os.path.join(self.directory, str(step)), target)
+        target = os.path.join(set_aside, str(step))
+        if hosts.is_primary():  # one process moves it; the others wait for the move
+          os.makedirs(set_aside, exist_ok=True)
+          copies = 0
+          while os.path.exists(target):  # set aside before
+            copies += 1
+            target = os.path.join(set_aside, f"{step}.{copies}")
+          os.replace(os.path.join(self.directory, str(step)), target)
+        hosts.sync(f"dpvl_set_aside_{step}")
         self._manager.reload()
         log(f"checkpoint {step} cannot be restored ({type(e).__name__}: {reason}); moved to "
             f"{target}, going back to the one before.")

@@ -24,11 +24,14 @@ def scalars(row: dict, prefix: str = "") -> dict[str, float]:
 class MetricsWriter:
   """Appends rows (each with a `step`) to metrics.jsonl and TensorBoard event files."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, enabled: bool = True):
+    """`enabled=False` (the processes but the primary of a multi-host run) writes nothing."""
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
 
   def write(self, row: dict) -> None:
+    if self._tensorboard is None:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     for name, value in scalars(row).items():
@@ -36,7 +39,8 @@ class MetricsWriter:
     self._tensorboard.flush()
 
   def close(self) -> None:
-    self._tensorboard.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
 
 
 def last_training_row(workdir: str) -> dict:

@@ -12,6 +12,8 @@ Workdir layout:
   checkpoints/     orbax: train state, the run's secrets, ledger
 """
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -37,6 +39,7 @@ from dpvl.data import errors as data_errors
 from dpvl.data import loader as loader_lib
 from dpvl.data import sources
 from dpvl.data import stream as stream_lib
+from dpvl.parallel import hosts
 from dpvl.parallel import mesh as mesh_lib
 from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
@@ -234,7 +237,8 @@ def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib
 
   Args:
     evaluators: the run's evaluators (`evaluate.build_evaluators`).
-    params: the parameters (released: evaluation is post-processing).
+    params: the parameters (released: evaluation is post-processing); in a multi-process run
+      they are gathered whole and evaluated on the primary process (call it on all).
     step: the global step the parameters are at.
     last_step: the run's last step (evaluators run at 0, every `every` steps, and at the end).
     writer: metrics.jsonl and TensorBoard.
@@ -242,6 +246,9 @@ def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib
   """
   due = [e for e in evaluators if evaluate.is_due(e, step, last_step)]
   if not due:
+    return
+  params = hosts.whole(params)  # every process takes part; the primary evaluates
+  if not hosts.is_primary():
     return
   t = time.time()
   row = dict(step=step)
@@ -287,15 +294,16 @@ def final_status(final: int, plan: plan_lib.PrivacyPlan, signal_name: str | None
   Args:
     final: the last step taken.
     plan: the privacy plan (its steps within budget and configured steps).
-    signal_name: the signal that stopped the run early, if one did.
+    signal_name: the signal that stopped the run early, if one did here (None also when
+      another process's signal did).
     log: where the line goes.
 
   Returns:
     "interrupted", "budget_exhausted" or "completed".
   """
   if final < plan.steps:
-    log(f"{signal_name}: stopped after step {final} with a checkpoint; re-run the command to "
-        "go on.")
+    log(f"{signal_name or 'a stop request on another process'}: stopped after step {final} "
+        "with a checkpoint; re-run the command to go on.")
     return "interrupted"
   if final < plan.configured_steps:
     log(f"privacy budget reached: stopping after {final} of {plan.configured_steps} steps; the "
@@ -320,15 +328,69 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
     devices: the devices of the mesh (`config.mesh`); default `jax.devices()`.
 
   Returns:
-    The final ledger entry (as in privacy.json).
+    The final ledger entry (as in privacy.json); a run stopped by a signal adds `stopped_by`
+    (its name, or None for another process's).
+
+  In a multi-process run every process calls `run`; the primary alone holds the lock, writes
+  the workdir's files and logs (`dpvl.parallel.hosts`).
   """
   # --- Checks: nothing below can fail on a config or a path. --------------------------------
   setup = check(config, workdir, devices)
   evaluators = evaluate.build_evaluators(config, setup.objective)  # loads their data
+  if not hosts.is_primary():
+    log = lambda *_: None  # noqa: E731  # one process speaks
   os.makedirs(workdir, exist_ok=True)
-  with lock_lib.WorkdirLock(workdir, log), stopping.StopRequests(log) as stop:
+  with _hold(workdir, log), stopping.StopRequests(log) as stop:
     return _train(config, workdir, setup, evaluators, force_resume, force_restart, stop, log,
                   after_step or (lambda step: None))
+
+
+@contextlib.contextmanager
+def _hold(workdir: str, log):
+  """The workdir's lock, held by the primary process for all the run's processes: if another
+  run holds it, every process refuses with the same sentence."""
+  lock = lock_lib.WorkdirLock(workdir, log)
+  refused = None
+  if hosts.is_primary():
+    try:
+      lock.acquire()
+    except (lock_lib.LockedError, OSError) as e:
+      refused = str(e)
+  refused = hosts.broadcast_json(refused)
+  if refused is not None:
+    raise lock_lib.LockedError(refused)
+  try:
+    yield
+  finally:
+    lock.release()  # a no-op but on the holder
+
+
+def _agreed(opening: ledger_lib.Opening) -> ledger_lib.Opening:
+  """The opening with process 0's secrets and header on every process, once all processes are
+  seen to have made the same decision (segment, start, plan) from the workdir."""
+  if jax.process_count() == 1:
+    return opening
+  primary = hosts.broadcast_json(dict(secrets=opening.secrets.hex(), header=opening.header))
+  decisions = hosts.gather_json([opening.resumed.segment_index, opening.resumed.start,
+                                 opening.plan.fingerprint(), opening.complete is None])
+  if any(d != decisions[0] for d in decisions):
+    raise ledger_lib.ResumeError(
+        "the processes of this run read the workdir's checkpoints and ledger differently "
+        f"({decisions}); check that every host sees the same --workdir (a shared filesystem).")
+  return dataclasses.replace(opening, header=primary["header"],
+                             secrets=secrets_lib.RunSecrets.from_hex(primary["secrets"]))
+
+
+def _agree_step(stop_requested: bool, skipped: collections.Counter):
+  """(whether any process was asked to stop, the records all processes skipped by reason):
+  the same on every process, so that all stop at the same step."""
+  if jax.process_count() == 1:
+    return stop_requested, skipped
+  views = hosts.gather_json(dict(stop=stop_requested, skipped=dict(skipped)))
+  total = collections.Counter()
+  for view in views:
+    total.update(view["skipped"])
+  return any(view["stop"] for view in views), total
 
 
 def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
@@ -345,6 +407,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   opening = ledger_lib.open_run(
       config, workdir, plan, None if restored is None else (restored[0], restored[2]),
       force_resume=force_resume, force_restart=force_restart, log=log)
+  opening = _agreed(opening)  # before the primary writes anything
   if opening.complete is not None:
     ckpt.close()
     return opening.complete
@@ -354,8 +417,9 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
         training.init_from, abstract["params"], config.data)
     log(f"parameters from {training.init_from} (stage 1: non-private, on public "
         f"{header['init_from']['data']['source']}); optimizer and ledger start fresh")
-  jsonfile.write_atomic(os.path.join(workdir, "config.json"),
-                        _redacted(ledger_lib.config_tree(config)))
+  if hosts.is_primary():
+    jsonfile.write_atomic(os.path.join(workdir, "config.json"),
+                          _redacted(ledger_lib.config_tree(config)))
   header["data"] = provenance.data_provenance(config.data)
   ledger = ledger_lib.Ledger(os.path.join(workdir, "privacy.json"), plan, opening.resumed,
                              ledger_lib.computation_fingerprint(config), header)
@@ -391,7 +455,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   skips = data_errors.SkipMonitor(training.log_every, training.max_skip_fraction)
 
   # --- Evals and metrics. -------------------------------------------------------------------
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=hosts.is_primary())
   log(f"{'private' if plan.enabled else 'NON-PRIVATE'} run: N={plan.dataset_size} "
       f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} C={plan.clip_norm} "
       f"mechanism={plan.mechanism.name} sensitivity={plan.sensitivity:.4g} "
@@ -407,8 +471,11 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
 
   # --- Loop. --------------------------------------------------------------------------------
   for step, (selection, batch) in stream:
+    stop_now, skipped = _agree_step(stop.requested, batch.skipped)
+    if stop_now:  # a signal during the step before: stop after it, on every process
+      break
     truncated += selection.truncated
-    skips.add(selection.size, batch.skipped)
+    skips.add(selection.size, skipped)
     bad_data = skips.too_many()
     if bad_data:  # before the step spends budget on it
       stream.close()
@@ -447,8 +514,6 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
       save(ckpt, ledger, state, opening.secrets, done, "running")
     if evals_due:
       run_evals(evaluators, state["params"], done, plan.steps, writer, log)
-    if stop.requested and done < plan.steps:
-      break
 
   # --- Finish: the last checkpoint, the final evaluation, one line. ------------------------
   stream.close()
@@ -465,4 +530,6 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   log(f"done: {final} steps, epsilon {ledger.epsilon():.4g} at delta {plan.delta:.3g} "
       f"({plan.accountant}); ledger {ledger.path}")
   sys.stdout.flush()
+  if status == "interrupted":
+    entry = dict(entry, stopped_by=stop.signal_name)
   return entry

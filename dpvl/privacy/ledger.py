@@ -300,9 +300,10 @@ class Ledger:
                 computation=self.computation)
 
   def write(self, status: str) -> dict:
-    """Writes privacy.json (atomically) and returns its entry."""
+    """Writes privacy.json (atomically; on the primary process only) and returns its entry."""
     entry = self.entry(status)
-    jsonfile.write_atomic(self.path, entry)
+    if jax.process_index() == 0:
+      jsonfile.write_atomic(self.path, entry)
     return entry
 
 

@@ -1,0 +1,129 @@
+"""A run of 2 processes x 4 CPU devices through the real multi-host path (`jax.distributed`
+on localhost), preempted by SIGTERM on process 1 and resumed, against one uninterrupted process
+with 8 devices: same loss curve, same ledger, same parameters; only process 0 speaks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpvl import checkpoint as checkpoint_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+STEPS = 6
+
+_CONFIG = f"""
+from tests.configs_for_tests import small_dpcap_config
+
+
+def get_config():
+  config = small_dpcap_config()
+  config.steps, config.log_every, config.checkpoint_every = {STEPS}, 1, 100
+  return config
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _command(config: str, workdir: str, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "dpvl.main", f"--config={config}", f"--workdir={workdir}",
+          *flags]
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONPATH=os.path.abspath(ROOT), PYTHONUNBUFFERED="1")
+
+
+def _two_processes(config: str, workdir: str, stop_after: int | None = None):
+  """Runs the 2-process job; with `stop_after`, SIGTERM to process 1 once process 0 has logged
+  that step. Returns [(returncode, stdout, stderr)] per process."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _command(config, workdir, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+               f"--process_id={i}"),
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  lines = []
+  try:
+    if stop_after is not None:
+      for line in procs[0].stdout:
+        lines.append(line)
+        if line.startswith(f"step {stop_after:>6}/"):
+          procs[1].send_signal(signal.SIGTERM)
+          break
+    results = []
+    for i, proc in enumerate(procs):
+      out, err = proc.communicate(timeout=600)
+      results.append((proc.returncode, ("".join(lines) if i == 0 else "") + out, err))
+    return results
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+
+
+def _said(text: str) -> str:
+  """dpvl's lines of a process's stdout (without the collectives library's connection lines)."""
+  return "".join(line for line in text.splitlines(keepends=True)
+                 if not line.startswith("[Gloo]"))
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def _params(workdir: str) -> list[np.ndarray]:
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  import jax  # pylint: disable=import-outside-toplevel
+  params = [np.asarray(p) for p in jax.tree.leaves(ckpt.restore_state_arrays()["params"])]
+  ckpt.close()
+  return params
+
+
+@pytest.mark.slow
+def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
+  config = tmp_path / "config.py"
+  config.write_text(_CONFIG)
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  out = subprocess.run(_command(str(config), one), cwd=ROOT, env=_env(8), capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  first = _two_processes(str(config), two, stop_after=2)
+  for returncode, _, err in first:  # the preempted job exits 0 on every process
+    assert returncode == 0, err[-3000:]
+  said, silent = (_said(out) for _, out, _ in first)
+  assert "SIGTERM" not in said and "stopped after step" in said  # process 1 had the signal
+  assert silent == ""  # only process 0 speaks
+  stopped = json.loads((tmp_path / "two" / "privacy.json").read_text())
+  assert stopped["status"] == "interrupted" and 2 <= stopped["steps_done"] < STEPS
+  assert not (tmp_path / "two" / "lock").exists()
+
+  second = _two_processes(str(config), two)
+  for returncode, _, err in second:
+    assert returncode == 0, err[-3000:]
+  assert f"resumed from step {stopped['steps_done']}" in second[0][1]
+  assert _said(second[1][1]) == ""
+
+  reference = json.loads((tmp_path / "one" / "privacy.json").read_text())
+  ledger = json.loads((tmp_path / "two" / "privacy.json").read_text())
+  for field in ("status", "steps_done", "epsilon_spent", "fingerprint", "run_id"):
+    assert ledger[field] == reference[field], field
+  assert len(ledger["segments"]) == 1  # the resume replayed nothing: one segment
+  losses, expected = _losses(two), _losses(one)
+  assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-5)
+  for a, b in zip(_params(two), _params(one), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
