@@ -1,6 +1,8 @@
 """A run of 2 processes x 4 CPU devices through the real multi-host path (`jax.distributed`
 on localhost), preempted by SIGTERM on process 1 and resumed, against one uninterrupted process
-with 8 devices: same loss curve, same ledger, same parameters; only process 0 speaks."""
+with 8 devices: same loss curve, same ledger, same parameters; only process 0 speaks; a workdir
+locked by another run is refused by every process. A single process preempted from the command
+line exits 0 with a checkpoint."""
 
 import json
 import os
@@ -111,6 +113,12 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
   assert stopped["status"] == "interrupted" and 2 <= stopped["steps_done"] < STEPS
   assert not (tmp_path / "two" / "lock").exists()
 
+  (tmp_path / "two" / "lock").write_text(json.dumps(dict(host=socket.gethostname(),
+                                                         pid=os.getpid())))
+  for returncode, _, err in _two_processes(str(config), two):  # a live holder: all refuse
+    assert returncode == 2 and f"is in use by pid {os.getpid()}" in err, err[-3000:]
+  (tmp_path / "two" / "lock").unlink()
+
   second = _two_processes(str(config), two)
   for returncode, _, err in second:
     assert returncode == 0, err[-3000:]
@@ -127,3 +135,29 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
   np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-5)
   for a, b in zip(_params(two), _params(one), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sigterm_from_the_command_line_checkpoints_and_exits_0(tmp_path):
+  config = tmp_path / "config.py"
+  config.write_text(_CONFIG)
+  proc = subprocess.Popen(_command(str(config), str(tmp_path / "run")), cwd=ROOT, env=_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    said = []
+    for line in proc.stdout:
+      said.append(line)
+      if line.startswith(f"step {2:>6}/"):
+        proc.send_signal(signal.SIGTERM)
+        break
+    out, err = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  said = "".join(said) + out
+  ledger = json.loads((tmp_path / "run" / "privacy.json").read_text())
+  assert ledger["status"] == "interrupted" and 2 <= ledger["steps_done"] < STEPS
+  assert f"SIGTERM: stopped after step {ledger['steps_done']} with a checkpoint" in said
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  assert ckpt.latest_step() == ledger["steps_done"]
+  ckpt.close()
