@@ -18,8 +18,9 @@
 #   2. Setup (--skip-setup skips it): `mkdir -p dpvl` on every worker, `scp --recurse` of dpvl/,
 #      configs/, setup.py, pyproject.toml and each --copy path (relative to the project root) to
 #      ~/dpvl on every worker, then `pip install -e '.[tpu]'` there.
-#   3. `ssh --worker=all --command='cd dpvl && python3 -m dpvl.main ARGS'`: the same command on
-#      every worker at once, their output streamed here. Paths in ARGS (--config, --workdir) are
+#   3. `ssh --worker=all --command='cd dpvl && DPVL_DISTRIBUTED=1 python3 -m dpvl.main ARGS'`:
+#      the same command on every worker at once (DPVL_DISTRIBUTED=1: jax.distributed finds the
+#      slice's workers itself), their output streamed here. Paths in ARGS (--config, --workdir) are
 #      relative to ~/dpvl on the workers.
 set -euo pipefail
 
@@ -162,4 +163,4 @@ if (( setup )); then
 fi
 
 # 3. The same command on every worker.
-run "${ssh[@]}" --command="cd dpvl && python3 -m dpvl.main $(words "$@")"
+run "${ssh[@]}" --command="cd dpvl && DPVL_DISTRIBUTED=1 python3 -m dpvl.main $(words "$@")"
