@@ -260,8 +260,9 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
       "--worker=all --recurse",
       f"{GCLOUD} tpu-vm ssh dpvl-v4-32 {WHERE} --worker=all "
       "--command='cd dpvl && python3 -m pip install -q -e \".[tpu]\"'",
-      f"{GCLOUD} tpu-vm ssh dpvl-v4-32 {WHERE} --worker=all --command='cd dpvl && DPVL_DISTRIBUTED=1 "
-      f"python3 -m dpvl.main --config={CONFIG} --workdir=runs/pod --config.steps=6'"]
+      f"{GCLOUD} tpu-vm ssh dpvl-v4-32 {WHERE} --worker=all --command='cd dpvl && "
+      f"DPVL_DISTRIBUTED=1 python3 -m dpvl.main --config={CONFIG} --workdir=runs/pod "
+      "--config.steps=6'"]
 
 
 @needs_bash
@@ -274,8 +275,9 @@ def test_tpu_pod_queued_dry_run():
       f"{GCLOUD} queued-resources describe dpvl-v4-32 {where} --format='value(state.state)' "
       f">/dev/null 2>&1 || {GCLOUD} queued-resources create dpvl-v4-32 --node-id=dpvl-v4-32 "
       f"{where} --accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base --spot",
-      f"{GCLOUD} tpu-vm ssh dpvl-v4-32 {where} --worker=all --command='cd dpvl && DPVL_DISTRIBUTED=1 "
-      f"python3 -m dpvl.main --config={CONFIG} --workdir=runs/pod --config.steps=6'"]
+      f"{GCLOUD} tpu-vm ssh dpvl-v4-32 {where} --worker=all --command='cd dpvl && "
+      f"DPVL_DISTRIBUTED=1 python3 -m dpvl.main --config={CONFIG} --workdir=runs/pod "
+      "--config.steps=6'"]
 
 
 @needs_bash
@@ -290,7 +292,7 @@ def test_tpu_pod_command_quotes_round_trip():
   remote = split(result.stdout.splitlines()[-1])[-1]
   assert remote.startswith("--command=cd dpvl && ")
   argv = split(remote[len("--command=cd dpvl && "):])
-  assert argv == ["python3", "-m", "dpvl.main", f"--config={CONFIG}", *odd]
+  assert argv == ["DPVL_DISTRIBUTED=1", "python3", "-m", "dpvl.main", f"--config={CONFIG}", *odd]
 
 
 @needs_bash
@@ -332,7 +334,8 @@ def test_tpu_pod_creates_a_missing_slice_then_runs_on_all_workers(tmp_path):
       f"{GCLOUD} tpu-vm describe", f"{GCLOUD} tpu-vm create", f"{GCLOUD} tpu-vm ssh",
       f"{GCLOUD} tpu-vm scp dpvl configs setup.py pyproject.toml", f"{GCLOUD} tpu-vm ssh",
       f"{GCLOUD} tpu-vm ssh"]
-  assert calls[-1].endswith(f"--command=cd dpvl && DPVL_DISTRIBUTED=1 python3 -m dpvl.main --config={CONFIG} "
+  assert calls[-1].endswith(f"--command=cd dpvl && DPVL_DISTRIBUTED=1 python3 -m dpvl.main "
+                            f"--config={CONFIG} "
                             "--workdir=runs/pod --config.steps=6")
 
 
