@@ -1,7 +1,6 @@
-"""The mesh, its axes and sharding rules, the global batch, the hosts' shares of a batch, the
-noise on every mesh, and training runs on 8 simulated CPU devices that match 1 device."""
+"""The mesh, its axes and sharding rules, the global batch, the hosts' shares of a batch, and
+the noise on every mesh (training on several meshes and processes: test_multiprocess.py)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -206,53 +205,3 @@ def test_host_slots_arguments_are_checked():
     mesh_lib.host_slots(2, 8, 2, 2)
   with pytest.raises(ValueError, match="divisible"):
     mesh_lib.host_slots(2, 6, 0, 4)
-
-
-# -- training on the mesh -------------------------------------------------------------------
-
-
-_MESHES = """
-import json, os, sys, jax, numpy as np
-from tests.configs_for_tests import small_dpcap_config
-from dpvl import checkpoint as checkpoint_lib
-from dpvl import train
-assert jax.device_count() == 8, jax.devices()
-results = {}
-for name, mesh, devices in [("one", dict(data=1), jax.devices()[:1]), ("data8", dict(data=8), None),
-                            ("data2_fsdp4", dict(data=2, fsdp=4, fsdp_min_size=0), None)]:
-  config = small_dpcap_config()
-  config.steps, config.log_every, config.checkpoint_every = 4, 1, 100
-  config.mesh.update(mesh)
-  workdir = os.path.join(sys.argv[1], name)
-  train.run(config, workdir, log=lambda *_: None, devices=devices)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  params = ckpt.restore_state_arrays()["params"]
-  ckpt.close()
-  specs = {str(p.sharding.spec) for p in jax.tree.leaves(params)}
-  results[name] = dict(losses=losses, specs=sorted(specs))
-  np.savez(os.path.join(sys.argv[1], name + ".npz"),
-           *[np.asarray(p) for p in jax.tree.leaves(params)])
-print(json.dumps(results))
-"""
-
-
-def test_loss_curve_and_parameters_agree_across_meshes(tmp_path):
-  """One device, data=8 and data=2 x fsdp=4 (state sharded): same batches, same noise (drawn
-  shard by shard from one key); only the order of the float32 sums differs."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _MESHES, str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  results = json.loads(out.stdout.strip().splitlines()[-1])
-  assert results["one"]["specs"] == results["data8"]["specs"] == ["P()"]
-  assert "P('fsdp',)" in results["data2_fsdp4"]["specs"]  # the state is sharded
-  reference = np.load(tmp_path / "one.npz")
-  for name in ("data8", "data2_fsdp4"):
-    np.testing.assert_allclose(results[name]["losses"], results["one"]["losses"], rtol=1e-4)
-    params = np.load(tmp_path / f"{name}.npz")
-    assert len(params.files) == len(reference.files) > 0
-    for leaf in reference.files:
-      np.testing.assert_allclose(params[leaf], reference[leaf], rtol=1e-4, atol=1e-6)

@@ -1,8 +1,11 @@
-"""A run of 2 processes x 4 CPU devices through the real multi-host path (`jax.distributed`
-on localhost), preempted by SIGTERM on process 1 and resumed, against one uninterrupted process
-with 8 devices: same loss curve, same ledger, same parameters; only process 0 speaks; a workdir
-locked by another run is refused by every process. A single process preempted from the command
-line exits 0 with a checkpoint."""
+"""Training on several meshes and processes (simulated CPU devices).
+
+One process runs the demo on 1 device, on data=8 and on data=2 x fsdp=4 (the state sharded):
+the loss curves and parameters agree. A run of 2 processes x 4 devices through the real
+multi-host path (`jax.distributed` on localhost), preempted by SIGTERM on process 1 and
+resumed, matches the data=8 run: same loss curve, ledger and parameters; only process 0 speaks;
+a workdir locked by another run is refused by every process. A single process preempted from
+the command line exits 0 with a checkpoint."""
 
 import json
 import os
@@ -11,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -27,6 +31,26 @@ def get_config():
   config = small_dpcap_config()
   config.steps, config.log_every, config.checkpoint_every = {STEPS}, 1, 100
   return config
+"""
+
+_MESHES = """
+import json, os, sys, jax
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+from config import get_config
+from dpvl import checkpoint as checkpoint_lib
+from dpvl import train
+assert jax.device_count() == 8, jax.devices()
+specs = {}
+for name, mesh, devices in [("one", dict(data=1), jax.devices()[:1]), ("data8", dict(data=8), None),
+                            ("data2_fsdp4", dict(data=2, fsdp=4, fsdp_min_size=0), None)]:
+  config = get_config()
+  config.mesh.update(mesh)
+  train.run(config, os.path.join(sys.argv[2], name), log=lambda *_: None, devices=devices)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(sys.argv[2], name, "checkpoints"))
+  params = ckpt.restore_state_arrays()["params"]  # as saved: with the run's shardings
+  specs[name] = sorted({str(p.sharding.spec) for p in jax.tree.leaves(params)})
+  ckpt.close()
+print(json.dumps(specs))
 """
 
 
@@ -87,21 +111,30 @@ def _losses(workdir: str) -> dict[int, float]:
 
 
 def _params(workdir: str) -> list[np.ndarray]:
+  """The leaves of the final parameters, as numpy arrays."""
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  import jax  # pylint: disable=import-outside-toplevel
-  params = [np.asarray(p) for p in jax.tree.leaves(ckpt.restore_state_arrays()["params"])]
+  params = jax.tree.leaves(ckpt.restore_state_arrays()["params"])
   ckpt.close()
-  return params
+  return [np.asarray(p) for p in params]
 
 
 @pytest.mark.slow
-def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
+def test_meshes_and_processes_agree_through_preemption(tmp_path):
   config = tmp_path / "config.py"
   config.write_text(_CONFIG)
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  out = subprocess.run(_command(str(config), one), cwd=ROOT, env=_env(8), capture_output=True,
-                       text=True, timeout=600)
+  out = subprocess.run([sys.executable, "-c", _MESHES, str(config), str(tmp_path)], cwd=ROOT,
+                       env=_env(8), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  specs = json.loads(out.stdout.strip().splitlines()[-1])
+  assert specs["one"] == specs["data8"] == ["P()"]
+  assert "P('fsdp',)" in specs["data2_fsdp4"]  # the state was sharded
+  for name in ("data8", "data2_fsdp4"):  # same batches and noise; float32 sums in other orders
+    np.testing.assert_allclose(list(_losses(str(tmp_path / name)).values()),
+                               list(_losses(one).values()), rtol=1e-4)
+    for a, b in zip(_params(str(tmp_path / name)), _params(one), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  data8 = str(tmp_path / "data8")  # the 2-process run's reference: one process, 8 devices
 
   first = _two_processes(str(config), two, stop_after=2)
   for returncode, _, err in first:  # the preempted job exits 0 on every process
@@ -125,15 +158,15 @@ def test_two_processes_preempted_and_resumed_match_one_process(tmp_path):
   assert f"resumed from step {stopped['steps_done']}" in second[0][1]
   assert _said(second[1][1]) == ""
 
-  reference = json.loads((tmp_path / "one" / "privacy.json").read_text())
+  reference = json.loads((tmp_path / "data8" / "privacy.json").read_text())
   ledger = json.loads((tmp_path / "two" / "privacy.json").read_text())
   for field in ("status", "steps_done", "epsilon_spent", "fingerprint", "run_id"):
     assert ledger[field] == reference[field], field
   assert len(ledger["segments"]) == 1  # the resume replayed nothing: one segment
-  losses, expected = _losses(two), _losses(one)
+  losses, expected = _losses(two), _losses(data8)
   assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-5)
-  for a, b in zip(_params(two), _params(one), strict=True):
+  for a, b in zip(_params(two), _params(data8), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
