@@ -105,9 +105,11 @@ def _said(text: str) -> str:
 
 
 def _losses(workdir: str) -> dict[int, float]:
+  """{step: loss} of metrics.jsonl's training rows, each step written once."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return {row["step"]: row["loss"] for row in rows if "loss" in row}
+    rows = [row for row in map(json.loads, f) if "loss" in row]
+  assert len({row["step"] for row in rows}) == len(rows), "a step was written twice"
+  return {row["step"]: row["loss"] for row in rows}
 
 
 def _params(workdir: str) -> list[np.ndarray]:
