@@ -29,20 +29,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, meta: dict) -> None:
-    """Saves (state, meta) as checkpoint `step` and waits until it is written.
+  def save(self, step: int, state, meta: dict, wait: bool = True) -> None:
+    """Saves (state, meta) as checkpoint `step`.
 
     Args:
       step: the training step the checkpoint is keyed by.
       state: the train state pytree (params, optimizer state, step).
       meta: the JSON-serializable meta item (the run's root secret and the ledger entry).
-
-    Returns:
-      None, once the write has finished.
+      wait: wait until the write has finished. Otherwise return once the state is copied to
+        the host (its buffers may then be donated) and write in the background: the next
+        save and `close` wait for it, and an unfinished write is never taken for a checkpoint.
     """
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self._manager.wait_until_finished()
+    if wait:
+      self._manager.wait_until_finished()
 
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

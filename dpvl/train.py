@@ -208,10 +208,13 @@ def select_and_load(sampler: sampling.PoissonSampler, plan: plan_lib.PrivacyPlan
 
 
 def save(ckpt: checkpoint_lib.Checkpointer, ledger: ledger_lib.Ledger, state,
-         run_secrets: secrets_lib.RunSecrets, step: int, status: str) -> dict:
+         run_secrets: secrets_lib.RunSecrets, step: int, status: str,
+         wait: bool = True) -> dict:
   """Writes the ledger up to `step`, then the checkpoint (unless `step` is saved already).
 
-  The ledger goes first: it covers what the save releases.
+  The ledger goes first: it covers what the save releases. A checkpoint written in the
+  background (`wait=False`) and lost in a crash only sends the resume back to the one before,
+  with the ledger still counting every step released.
 
   Args:
     ckpt: the run's checkpointer.
@@ -220,6 +223,8 @@ def save(ckpt: checkpoint_lib.Checkpointer, ledger: ledger_lib.Ledger, state,
     run_secrets: the run's secrets, kept in the (private) checkpoint.
     step: the global step.
     status: the ledger status ("running", "completed", ...).
+    wait: wait until the checkpoint is written; False returns once the state is copied to the
+      host (the next save, or closing the checkpointer, waits for it).
 
   Returns:
     The ledger entry written.
@@ -227,7 +232,7 @@ def save(ckpt: checkpoint_lib.Checkpointer, ledger: ledger_lib.Ledger, state,
   ledger.advance(step)
   entry = ledger.write(status)
   if ckpt.latest_step() != step:
-    ckpt.save(step, state, dict(secrets=run_secrets.hex(), ledger=entry))
+    ckpt.save(step, state, dict(secrets=run_secrets.hex(), ledger=entry), wait=wait)
   return entry
 
 
@@ -340,9 +345,11 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
   if not hosts.is_primary():
     log = lambda *_: None  # noqa: E731  # one process speaks
   os.makedirs(workdir, exist_ok=True)
-  with _hold(workdir, log), stopping.StopRequests(log) as stop:
-    return _train(config, workdir, setup, evaluators, force_resume, force_restart, stop, log,
-                  after_step or (lambda step: None))
+  with (_hold(workdir, log), stopping.StopRequests(log) as stop,
+        contextlib.closing(checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints")))
+        as ckpt):  # closing waits for a checkpoint still being written, whatever happens
+    return _train(config, workdir, setup, evaluators, ckpt, force_resume, force_restart, stop,
+                  log, after_step or (lambda step: None))
 
 
 @contextlib.contextmanager
@@ -393,8 +400,9 @@ def _agree_step(stop_requested: bool, skipped: collections.Counter):
   return any(view["stop"] for view in views), total
 
 
-def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
-           force_restart: bool, stop: stopping.StopRequests, log, after_step) -> dict:
+def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.Checkpointer,
+           force_resume: bool, force_restart: bool, stop: stopping.StopRequests, log,
+           after_step) -> dict:
   """`run` once its checks passed and it holds the workdir."""
   training, plan, objective = setup.training, setup.plan, setup.objective
   optimizer = optim.make_optimizer(setup.optimizer, plan.configured_steps)
@@ -402,14 +410,12 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   shardings = shardings_of(abstract)
 
   # --- Plan: the checkpoint and the ledger decide the secrets, the segment and the plan. -----
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   restored = ckpt.newest_intact(abstract, os.path.join(workdir, "unrestorable_checkpoints"), log)
   opening = ledger_lib.open_run(
       config, workdir, plan, None if restored is None else (restored[0], restored[2]),
       force_resume=force_resume, force_restart=force_restart, log=log)
   opening = _agreed(opening)  # before the primary writes anything
   if opening.complete is not None:
-    ckpt.close()
     return opening.complete
   plan, header = opening.plan, dict(opening.header)
   if restored is None and training.init_from:  # checked before anything is written
@@ -481,7 +487,6 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
       stream.close()
       loader.close()
       save(ckpt, ledger, state, opening.secrets, step, "stopped_bad_data")
-      ckpt.close()
       writer.close()
       raise data_errors.TooManyBadRecords(
           f"{bad_data}: stopped before step {step + 1} with a checkpoint; check the data "
@@ -511,7 +516,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
           f"{per_step:.3g} s/step  ETA {_duration(per_step * (plan.steps - done))}")
     after_step(done)
     if done % training.checkpoint_every == 0 and done != plan.steps:
-      save(ckpt, ledger, state, opening.secrets, done, "running")
+      save(ckpt, ledger, state, opening.secrets, done, "running", wait=False)
     if evals_due:
       run_evals(evaluators, state["params"], done, plan.steps, writer, log)
 
@@ -521,7 +526,6 @@ def _train(config, workdir: str, setup: Setup, evaluators, force_resume: bool,
   final = int(state["step"])
   status = final_status(final, plan, stop.signal_name, log)
   entry = save(ckpt, ledger, state, opening.secrets, final, status)
-  ckpt.close()
   if start < final and status != "interrupted":
     run_evals(evaluators, state["params"], final, plan.steps, writer, log)  # never costs work
   writer.close()
