@@ -33,6 +33,8 @@ setup(
         "tensorboard": ["tensorboard>=2.15,<3"],  # the viewer; runs write events without it
         "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.15,<3"],
         "gpu": ["jax[cuda12]>=0.6,<0.13"],
+        # libtpu, pinned by jax[tpu] to the installed jax: TPU runs, and --mode=compile
+        # --topology=v5e-256 (the TPU compiler) from any host.
         "tpu": ["jax[tpu]>=0.6,<0.13"],
     },
 )

@@ -8,7 +8,9 @@
 prints the privacy plan as one JSON object and touches no data and no device; --mode=eval runs
 `config.evals` on the workdir's latest checkpoint (or --step) and prints the metrics as JSON;
 --mode=compile compiles the full private step on abstract inputs (no data) for the local
-devices and prints its parameter count, FLOPs and per-device memory as JSON.
+devices and prints its parameter count, FLOPs and per-device memory as JSON; with
+--topology=v5e-256 (or v4-128, v5e:16x16, ...) for the chips of that TPU slice, from any host
+(libtpu needed: pip install "dpvl[tpu]").
 """
 
 import json
@@ -26,6 +28,7 @@ from dpvl import lock as lock_lib
 from dpvl import train
 from dpvl.data import errors as data_errors
 from dpvl.evaluate import checkpoint as eval_checkpoint
+from dpvl.parallel import hosts
 from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
 
@@ -34,7 +37,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_conf
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, ledger, metrics).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval", "compile"],
                           "What to do.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "--mode=compile: compile for this TPU slice (v5e-256, v4-128, v5e:16x16) "
+    "instead of the local devices; needs libtpu.")
 _STEP = flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint step (default: latest).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: host:port of process 0's coordinator "
+    "(with --num_processes and --process_id; default: detected from SLURM, Open MPI or a TPU "
+    "slice).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-process runs: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-process runs: this process's number, from 0.")
 _FORCE = flags.DEFINE_bool("force_resume", False,
                            "Resume even if the privacy plan changed (the ledger composes both).")
 _RESTART = flags.DEFINE_bool(
@@ -92,14 +106,22 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except  # a missing or broken config file
     _fail(_config_error(e))
   try:
+    if _MODE.value != "account":  # before anything touches a device
+      hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    _fail(str(e))
+  try:
     train.check_settings(config)
+    if _TOPOLOGY.value and _MODE.value != "compile":
+      raise config_lib.ConfigError("--topology is for --mode=compile only.")
     if _MODE.value == "account":
       if config_lib.get_field(config, "privacy.noise_multiplier", None) is None:
         print("calibrating the noise multiplier to the target epsilon...", file=sys.stderr)
       print(json.dumps(plan_lib.build_plan(config).summary(), indent=2))
       return
     if _MODE.value == "compile":
-      print(json.dumps(dry_run.compile_step(config), indent=2))
+      devices = dry_run.topology_devices(_TOPOLOGY.value) if _TOPOLOGY.value else None
+      print(json.dumps(dry_run.compile_step(config, devices), indent=2))
       return
     if not _WORKDIR.value:
       raise config_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}.")
@@ -108,7 +130,7 @@ def main(argv):
       return
     entry = train.run(config, _WORKDIR.value, force_resume=_FORCE.value,
                       force_restart=_RESTART.value)
-    if entry["status"] == "interrupted":
+    if entry.get("stopped_by") == "SIGINT":  # Ctrl-C; a preemption's SIGTERM exits 0
       sys.exit(130)
   except (config_lib.ConfigError, ledger_lib.ResumeError, lock_lib.LockedError,
           data_errors.TooManyBadRecords) as e:
