@@ -8,7 +8,7 @@
 prints the privacy plan as one JSON object and touches no data and no device; --mode=eval runs
 `config.evals` on the workdir's latest checkpoint (or --step) and prints the metrics as JSON;
 --mode=compile compiles the full private step on abstract inputs (no data) for the local
-devices and prints its parameter count, FLOPs and per-device memory as JSON; with
+devices and prints its parameter count and per-device FLOPs and memory as JSON; with
 --topology=v5e-256 (or v4-128, v5e:16x16, ...) for the chips of that TPU slice, from any host
 (libtpu needed: pip install "dpvl[tpu]").
 """

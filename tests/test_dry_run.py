@@ -22,8 +22,9 @@ def test_the_private_step_compiles_without_data_and_reports_its_cost(dpcap_confi
   batch = report["batch"]
   assert batch["num_microbatches"] * batch["microbatch_size"] == batch["capacity"] >= 32
   assert batch["num_microbatches"] == 1
-  assert report["flops_per_step"] == report["flops_per_microbatch"] * batch["num_microbatches"]
-  assert report["flops_per_microbatch"] > 6 * report["parameters"] * batch["microbatch_size"]
+  per_microbatch = report["flops_per_microbatch_per_device"]
+  assert report["flops_per_step_per_device"] == per_microbatch * batch["num_microbatches"]
+  assert per_microbatch > 6 * report["parameters"] * batch["microbatch_size"]  # one device
   memory = report["bytes_per_device"]
   assert memory["arguments"] >= 4 * 3 * report["parameters"]  # params + Adam's two moments
   assert memory["total"] == (memory["arguments"] + memory["outputs"] + memory["temporaries"]
@@ -33,8 +34,8 @@ def test_the_private_step_compiles_without_data_and_reports_its_cost(dpcap_confi
 
 
 def test_xla_counts_a_loop_body_once_so_the_step_is_scaled_by_hand():
-  """Why `flops_per_step` is a one-micro-batch step's FLOPs times the micro-batches: XLA's cost
-  analysis of a scan over 8 micro-batches counts its body once."""
+  """Why `flops_per_step_per_device` is a one-micro-batch step's FLOPs times the micro-batches:
+  XLA's cost analysis of a scan over 8 micro-batches counts its body once."""
   x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
 
   def scanned(n):
@@ -122,7 +123,7 @@ def test_the_private_step_compiles_for_a_tpu_slice_from_this_host(dpcap_config, 
   assert report["mesh"]["platform"] == "tpu" and report["mesh"]["device_kind"] == "TPU v5 lite"
   assert math.prod(report["mesh"]["shape"].values()) == 4
   assert report["device_memory_bytes"] == 16 * 2**30 and report["fits"]
-  assert report["flops_per_step"] > 6 * report["parameters"] * 128
+  assert report["flops_per_step_per_device"] > 6 * report["parameters"] * 128
   json.dumps(report)
 
 
