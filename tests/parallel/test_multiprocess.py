@@ -2,8 +2,9 @@
 
 One process runs the demo on 1 device, on data=8 and on data=2 x fsdp=4 (the state sharded):
 the loss curves and parameters agree. A run of 2 processes x 4 devices through the real
-multi-host path (`jax.distributed` on localhost), preempted by SIGTERM on process 1 and
-resumed, matches the data=8 run: same loss curve, ledger and parameters; only process 0 speaks;
+multi-host path (`jax.distributed` on localhost), its state sharded over both (fsdp=8),
+preempted by SIGTERM on process 1 and resumed, matches the data=8 run: same ledger, loss curve
+and parameters (to the float32 sums' order); only process 0 speaks;
 a workdir locked by another run is refused by every process. A single process preempted from
 the command line exits 0 with a checkpoint."""
 
@@ -70,13 +71,18 @@ def _env(devices: int) -> dict:
               JAX_PLATFORMS="cpu", PYTHONPATH=os.path.abspath(ROOT), PYTHONUNBUFFERED="1")
 
 
+# The state sharded over all 8 devices, so that each process holds half of every leaf: the
+# checkpoints are saved and restored in pieces from both processes.
+_SHARDED = ("--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.fsdp_min_size=0")
+
+
 def _two_processes(config: str, workdir: str, stop_after: int | None = None):
-  """Runs the 2-process job; with `stop_after`, SIGTERM to process 1 once process 0 has logged
-  that step. Returns [(returncode, stdout, stderr)] per process."""
+  """Runs the 2-process job (`_SHARDED`); with `stop_after`, SIGTERM to process 1 once process 0
+  has logged that step. Returns [(returncode, stdout, stderr)] per process."""
   port = _free_port()
   procs = [subprocess.Popen(
       _command(config, workdir, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-               f"--process_id={i}"),
+               f"--process_id={i}", *_SHARDED),
       cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   lines = []
@@ -167,9 +173,9 @@ def test_meshes_and_processes_agree_through_preemption(tmp_path):
   assert len(ledger["segments"]) == 1  # the resume replayed nothing: one segment
   losses, expected = _losses(two), _losses(data8)
   assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
-  np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-5)
-  for a, b in zip(_params(two), _params(data8), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-4)
+  for a, b in zip(_params(two), _params(data8), strict=True):  # fsdp=8 against data=8
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_sigterm_from_the_command_line_checkpoints_and_exits_0(tmp_path):
