@@ -25,12 +25,16 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 STEPS = 6
 
 _CONFIG = f"""
+from configs import evals
 from tests.configs_for_tests import small_dpcap_config
 
 
 def get_config():
   config = small_dpcap_config()
   config.steps, config.log_every, config.checkpoint_every = {STEPS}, 1, 100
+  config.evals.probe = evals.scene_probe("label", blocks=1, train_size=64, test_size=32,
+                                         image_size=16)
+  config.evals.probe.steps = 50
   return config
 """
 
@@ -118,6 +122,14 @@ def _losses(workdir: str) -> dict[int, float]:
   return {row["step"]: row["loss"] for row in rows}
 
 
+def _evals(workdir: str) -> dict[int, dict]:
+  """{step: evaluation row without its timing}, each evaluated step written once."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [row for row in map(json.loads, f) if "eval_seconds" in row]
+  assert len({row["step"] for row in rows}) == len(rows), "an evaluation was written twice"
+  return {row["step"]: {k: v for k, v in row.items() if k != "eval_seconds"} for row in rows}
+
+
 def _params(workdir: str) -> list[np.ndarray]:
   """The leaves of the final parameters, as numpy arrays."""
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -171,6 +183,11 @@ def test_meshes_and_processes_agree_through_preemption(tmp_path):
   for field in ("status", "steps_done", "epsilon_spent", "fingerprint", "run_id"):
     assert ledger[field] == reference[field], field
   assert len(ledger["segments"]) == 1  # the resume replayed nothing: one segment
+  # Evaluations: the parameters gathered from both processes, probed on process 0, once each
+  # at the start and the end; at the start the parameters are the same bits on every mesh.
+  probes, expected_probes = _evals(two), _evals(data8)
+  assert sorted(probes) == sorted(expected_probes) == [0, STEPS]
+  assert probes[0] == expected_probes[0] and set(probes[STEPS]) == set(expected_probes[STEPS])
   losses, expected = _losses(two), _losses(data8)
   assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-4)
