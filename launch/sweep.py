@@ -232,11 +232,13 @@ def main(argv: list[str], run=execute) -> int:
     except KeyboardInterrupt:
       status = 130
     entry = ledger(workdir)
-    if status == 0:
-      result = "ok"
-    elif status == 130:  # Ctrl-C, or the run was told to stop (SIGTERM): stop the sweep too
+    # Ctrl-C (exit status 130), or a SIGTERM the run obeyed (exit 0, ledger "interrupted"):
+    # the sweep stops too.
+    if status == 130 or (status == 0 and entry.get("status") == "interrupted"):
       result, interrupted = "interrupted", True
-      _note(f"interrupted: {workdir} (exit status 130)")
+      _note(f"interrupted: {workdir} (exit status {status}, stopped with a checkpoint)")
+    elif status == 0:
+      result = "ok"
     else:
       result = f"failed ({status})"
       failed += 1

@@ -153,9 +153,14 @@ def test_finished_runs_are_skipped(tmp_path, capsys, monkeypatch):
   _write_ledger(os.path.join(root, "steps=2"), "budget_exhausted", 8.0)
   _write_ledger(os.path.join(root, "steps=3"), "interrupted", 1.25)
   ran = []
+
+  def run(cmd):  # the run goes on to the end
+    ran.append(cmd)
+    _write_ledger(cmd[4].split("=", 1)[1], "completed", 2.0)
+    return 0
+
   status, out, err = _sweep_main([f"--config={CONFIG}", "--sweep=steps=1,2,3,4",
-                                  f"--workdir_root={root}"], capsys,
-                                 run=lambda cmd: ran.append(cmd) or 0)
+                                  f"--workdir_root={root}"], capsys, run=run)
   assert status == 0
   assert [cmd[4] for cmd in ran] == [f"--workdir={root}/steps=3", f"--workdir={root}/steps=4"]
   assert ran[0][0] == sys.executable and ran[0][1:3] == ["-m", "dpvl.main"]
@@ -164,8 +169,8 @@ def test_finished_runs_are_skipped(tmp_path, capsys, monkeypatch):
   assert "steps=3 (" not in err and len(out.splitlines()) == 2
   table = err.split("workdir", 1)[1].splitlines()
   assert table[1].split() == [f"{root}/steps=1", "skipped", "completed", "3.5"]
-  assert table[3].split() == [f"{root}/steps=3", "ok", "interrupted", "1.25"]
-  assert table[4].split() == [f"{root}/steps=4", "ok", "-", "-"]
+  assert table[3].split() == [f"{root}/steps=3", "ok", "completed", "2"]
+  assert table[4].split() == [f"{root}/steps=4", "ok", "completed", "2"]
 
 
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path, capsys, monkeypatch):
@@ -196,6 +201,22 @@ def test_an_interrupted_run_stops_the_sweep(tmp_path, capsys, monkeypatch):
                                run=lambda cmd: ran.append(cmd) or 130)
   assert status == 130 and len(ran) == 1
   assert "not run" in err and "re-run the same command to resume it" in err
+
+
+def test_a_run_stopped_by_sigterm_stops_the_sweep(tmp_path, capsys, monkeypatch):
+  """A preempted run exits 0 with an "interrupted" ledger: not a finished run."""
+  monkeypatch.chdir(ROOT)
+  ran = []
+
+  def run(cmd):
+    ran.append(cmd)
+    _write_ledger(cmd[4].split("=", 1)[1], "interrupted", 1.5)
+    return 0
+
+  status, _, err = _sweep_main([f"--config={CONFIG}", "--sweep=steps=1,2",
+                                f"--workdir_root={tmp_path}"], capsys, run=run)
+  assert status == 130 and len(ran) == 1
+  assert f"interrupted: {tmp_path}/steps=1 (exit status 0, stopped with a checkpoint)" in err
 
 
 def test_the_runs_are_real_processes(tmp_path):
