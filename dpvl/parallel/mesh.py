@@ -11,7 +11,7 @@ The batch, laid out [num_microbatches, microbatch_size, ...], has each micro-bat
 the data-parallel axes (`BATCH_AXES`: data and fsdp; `batch_sharding`); the per-example vmap
 is told so (`spmd_axis_name=BATCH_AXES`). The state's shardings come from `config.mesh.rules`,
 big_vision style: (regex, strategy) pairs matched in order against each leaf's path
-("params/encoder/block0/mlp/fc1/kernel", "opt_state/0/mu/...": the optimizer's moments follow
+("params/vit/block0/mlp/fc1/kernel", "opt_state/0/mu/...": the optimizer's moments follow
 their parameters), the first match deciding: "fsdp", "replicate", or an explicit spec (a tuple
 of axis names or None per dimension, e.g. (None, "model")). A leaf no rule matches is
 replicated.
