@@ -10,6 +10,7 @@ the command line exits 0 with a checkpoint."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,10 +109,15 @@ def _two_processes(config: str, workdir: str, stop_after: int | None = None):
         proc.kill()
 
 
+_GLOO = re.compile(r"\[Gloo\] Rank \d+|is connected to \d+ peer ranks\. Expected number of "
+                   r"connected peer ranks is : \d+")
+
+
 def _said(text: str) -> str:
-  """dpvl's lines of a process's stdout (without the collectives library's connection lines)."""
-  return "".join(line for line in text.splitlines(keepends=True)
-                 if not line.startswith("[Gloo]"))
+  """What dpvl printed on a process's stdout: without the collectives library's connection
+  messages, which its threads write interleaved, then stripped."""
+  return "\n".join(line.strip() for line in _GLOO.sub("", text).splitlines()
+                   if line.strip())
 
 
 def _losses(workdir: str) -> dict[int, float]:
