@@ -201,6 +201,7 @@ def test_meshes_and_processes_agree_through_preemption(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_from_the_command_line_checkpoints_and_exits_0(tmp_path):
   config = tmp_path / "config.py"
   config.write_text(_CONFIG)
