@@ -352,6 +352,11 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
                   log, after_step or (lambda step: None))
 
 
+# Every step each process sends this many bytes to all others (`_agree_step`): enough for a
+# stop flag and a count for each of the skip reasons of `dpvl.data.errors`.
+STEP_MESSAGE_BYTES = 1024
+
+
 @contextlib.contextmanager
 def _hold(workdir: str, log):
   """The workdir's lock, held by the primary process for all the run's processes: if another
@@ -393,7 +398,8 @@ def _agree_step(stop_requested: bool, skipped: collections.Counter):
   the same on every process, so that all stop at the same step."""
   if jax.process_count() == 1:
     return stop_requested, skipped
-  views = hosts.gather_json(dict(stop=stop_requested, skipped=dict(skipped)))
+  views = hosts.gather_json(dict(stop=stop_requested, skipped=dict(skipped)),
+                           size=STEP_MESSAGE_BYTES)
   total = collections.Counter()
   for view in views:
     total.update(view["skipped"])

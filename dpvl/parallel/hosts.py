@@ -19,7 +19,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-JSON_BYTES = 1 << 14  # the largest JSON message `broadcast_json` / `gather_json` carry
+JSON_BYTES = 1 << 14  # the buffer of a JSON message of `broadcast_json` / `gather_json`
 
 
 def cluster(env=os.environ) -> str | None:
@@ -81,11 +81,12 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-def _encode(obj) -> np.ndarray:
+def _encode(obj, size: int = JSON_BYTES) -> np.ndarray:
+  """`obj` as JSON in a `size`-byte buffer (its length first), for the collectives."""
   data = json.dumps(obj).encode()
-  if len(data) + 4 > JSON_BYTES:
-    raise ValueError(f"a message of {len(data)} bytes exceeds {JSON_BYTES}.")
-  buffer = np.zeros(JSON_BYTES, np.uint8)
+  if len(data) + 4 > size:
+    raise ValueError(f"a message of {len(data)} bytes exceeds {size}.")
+  buffer = np.zeros(size, np.uint8)
   buffer[:4] = np.frombuffer(len(data).to_bytes(4, "little"), np.uint8)
   buffer[4:4 + len(data)] = np.frombuffer(data, np.uint8)
   return buffer
@@ -103,11 +104,12 @@ def broadcast_json(obj):
   return _decode(multihost_utils.broadcast_one_to_all(_encode(obj)))
 
 
-def gather_json(obj) -> list:
-  """Every process's `obj` (a JSON-able value), in process order, on every process."""
+def gather_json(obj, size: int = JSON_BYTES) -> list:
+  """Every process's `obj` (a JSON-able value, at most `size` - 4 bytes of JSON), in process
+  order, on every process."""
   if jax.process_count() == 1:
     return [obj]
-  gathered = multihost_utils.process_allgather(_encode(obj))
+  gathered = multihost_utils.process_allgather(_encode(obj, size))
   return [_decode(row) for row in np.asarray(gathered).reshape(jax.process_count(), -1)]
 
 

@@ -90,11 +90,6 @@ def make_mesh(config=None, devices: Sequence[jax.Device] | None = None) -> Mesh:
                        axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  """A full copy on every device of `mesh`."""
-  return NamedSharding(mesh, P())
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """The sharding of [num_microbatches, microbatch_size, ...] arrays: each micro-batch split
   over `BATCH_AXES` (device i of them holds the i-th block of columns of every micro-batch)."""

@@ -34,6 +34,7 @@ import jax
 from dpvl import config as config_lib
 from dpvl import jsonfile
 from dpvl import metrics as metrics_lib
+from dpvl.parallel import hosts
 from dpvl.privacy import accounting
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import secrets as secrets_lib
@@ -302,7 +303,7 @@ class Ledger:
   def write(self, status: str) -> dict:
     """Writes privacy.json (atomically; on the primary process only) and returns its entry."""
     entry = self.entry(status)
-    if jax.process_index() == 0:
+    if hosts.is_primary():
       jsonfile.write_atomic(self.path, entry)
     return entry
 

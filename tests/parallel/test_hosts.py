@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from dpvl import train
+from dpvl.data import errors
 from dpvl.parallel import hosts
 
 
@@ -63,6 +64,15 @@ def test_gathered_skips_and_stops_are_combined(monkeypatch):
   views = [dict(stop=False, skipped={"corrupt_image": 1}),
            dict(stop=True, skipped={"corrupt_image": 2, "empty_caption": 1})]
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(hosts, "gather_json", lambda mine: views)
+  monkeypatch.setattr(hosts, "gather_json", lambda mine, size: views)
   stop, skipped = train._agree_step(False, collections.Counter())  # pylint: disable=protected-access
   assert stop and skipped == collections.Counter(corrupt_image=3, empty_caption=1)
+
+
+def test_a_step_message_holds_every_skip_reason():
+  reasons = [v for k, v in vars(errors).items() if k.isupper() and isinstance(v, str)]
+  assert len(reasons) >= 8
+  message = dict(stop=True, skipped={reason: 10**12 for reason in reasons})
+  buffer = hosts._encode(message, train.STEP_MESSAGE_BYTES)  # pylint: disable=protected-access
+  assert buffer.size == train.STEP_MESSAGE_BYTES
+  assert hosts._decode(buffer) == message  # pylint: disable=protected-access
