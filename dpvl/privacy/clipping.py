@@ -5,6 +5,9 @@ each scaled to L2 norm at most C, summed in float32 over a `lax.scan` of micro-b
 example (mask False) and an example whose gradient is not finite contribute exactly zero:
 its gradient is replaced by zeros with `jnp.where`, never multiplied by zero (0 * nan = nan).
 
+`ghost_clipped_grad_sum` gives the same from one backward pass per micro-batch, by book-keeping
+ghost clipping (`dpvl.privacy.ghost`); `STRATEGIES` names both (`config.privacy.clipping`).
+
 `grad_sum` is the non-private counterpart (no per-example gradients, no clipping) with the same
 inputs and outputs, for baselines.
 
@@ -19,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dpvl.parallel import mesh as mesh_lib
+from dpvl.privacy import ghost
 
 LossFn = Callable[[Any, Any, jax.Array], jax.Array]
 
@@ -44,19 +48,33 @@ def clip(per_example_grads, mask: jax.Array, clip_norm: float):
     finite), `nonfinite` int scalar (valid examples dropped because their gradient is not
     finite).
   """
-  norms = global_norms(per_example_grads)
-  finite = jnp.isfinite(norms)
-  keep = mask & finite
-  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+  scale, keep, stats = clip_factors(global_norms(per_example_grads), mask, clip_norm)
 
   def clip_leaf(g):
     g = g.astype(jnp.float32)
     expand = (slice(None),) + (None,) * (g.ndim - 1)
     return jnp.where(keep[expand], g * scale[expand], 0.0)
 
-  stats = dict(norms=jnp.where(mask, norms, 0.0), kept=keep,
-               nonfinite=jnp.sum(mask & ~finite))
   return jax.tree.map(clip_leaf, per_example_grads), stats
+
+
+def clip_factors(norms: jax.Array, mask: jax.Array, clip_norm: float):
+  """Each example's clip factor min(1, C / norm), which examples are kept, and their stats.
+
+  Args:
+    norms: float32 [B], the examples' gradient norms (inf or nan when not finite).
+    mask: bool [B]; False for padding.
+    clip_norm: C.
+
+  Returns:
+    (factors float32 [B], keep bool [B]: valid and finite, stats as `clip` gives them);
+    a factor is meaningful where `keep` only: the others must contribute zero by `jnp.where`.
+  """
+  finite = jnp.isfinite(norms)
+  keep = mask & finite
+  factors = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
+  stats = dict(norms=jnp.where(mask, norms, 0.0), kept=keep, nonfinite=jnp.sum(mask & ~finite))
+  return factors, keep, stats
 
 
 def zeros_f32(params):
@@ -122,6 +140,26 @@ def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: floa
     return g, stats
 
   return scan_microbatches(micro_fn, params, batch, mask, rngs)
+
+
+def ghost_clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: float):
+  """`clipped_grad_sum` by book-keeping ghost clipping: the same inputs and outputs (to float
+  rounding), from one forward and one backward pass per micro-batch (`dpvl.privacy.ghost`)."""
+  plan = ghost.discover(loss_fn, params, *ghost.one_unit((batch, rngs)))
+
+  def micro_fn(params, micro, m, r):
+    losses, parts = ghost.backward(plan, loss_fn, params, micro, r)
+    norms = jnp.sqrt(ghost.squared_norms(plan, parts))
+    factors, keep, stats = clip_factors(norms, m, clip_norm)
+    total = ghost.clipped_sum(plan, params, parts, keep, factors)
+    ok = stats.pop("kept") & jnp.isfinite(losses)
+    stats["loss_sum"] = jnp.sum(jnp.where(ok, losses, 0.0))
+    return total, stats
+
+  return scan_microbatches(micro_fn, params, batch, mask, rngs)
+
+
+STRATEGIES = {"vmap": clipped_grad_sum, "ghost": ghost_clipped_grad_sum}
 
 
 def grad_sum(loss_fn: LossFn, params, batch, mask, rngs):

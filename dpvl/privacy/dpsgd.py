@@ -17,7 +17,7 @@ from dpvl.privacy import noise
 
 def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm: float,
                      noise_std: float, expected_batch_size: int, enabled: bool = True,
-                     shardings=None):
+                     shardings=None, clipping_strategy: str = "vmap"):
   """Returns (gradient estimate, stats) for one logical step.
 
   Args:
@@ -28,12 +28,15 @@ def private_gradient(loss_fn, params, batch, mask, rngs, noise_key, *, clip_norm
     expected_batch_size: q * N, the divisor.
     enabled: False for the non-private baseline (no clipping, no noise).
     shardings: the parameters' shardings (`noisy_mean`), or None.
+    clipping_strategy: how the clipped sum is computed, a key of `clipping.STRATEGIES`: "vmap"
+      (the reference) or "ghost" (book-keeping); the same sum either way.
 
   Returns:
     (gradient estimate, metrics), as `noisy_mean` gives them.
   """
   if enabled:
-    total, stats = clipping.clipped_grad_sum(loss_fn, params, batch, mask, rngs, clip_norm)
+    total, stats = clipping.STRATEGIES[clipping_strategy](loss_fn, params, batch, mask, rngs,
+                                                          clip_norm)
     valid = jnp.maximum(jnp.sum(mask), 1)
     stats["clipped_fraction"] = jnp.sum((stats["norms"] > clip_norm) & mask) / valid
     stats["grad_norm_mean"] = jnp.sum(stats["norms"]) / valid

@@ -18,10 +18,14 @@ import dataclasses
 import functools
 from typing import Any, Callable, ClassVar
 
+import jax
+
 from dpvl import config as config_lib
 from dpvl import registry
+from dpvl.privacy import clipping
 from dpvl.privacy import contrastive
 from dpvl.privacy import dpsgd
+from dpvl.privacy import ghost
 from dpvl.privacy import sampling
 
 # (params, batch, mask, rngs, noise_key, *, clip_norm, noise_std, expected_batch_size, enabled,
@@ -84,6 +88,11 @@ class Mechanism:
   def _gradient(self, part) -> GradientFn:
     raise NotImplementedError
 
+  def report(self, objective, params) -> str | None:
+    """A line for the run's log on how the clipped sums are computed, or None."""
+    del objective, params
+    return None
+
   def _mismatch(self, objective_name: str) -> str:
     raise NotImplementedError
 
@@ -94,13 +103,24 @@ class PerExample(Mechanism):
 
   name: ClassVar[str] = "per_example"
   takes: ClassVar[str] = "per_example_loss"
+  clipping: str = "vmap"  # a key of `clipping.STRATEGIES`: speed and memory, never Delta
 
   def sensitivity(self, clip_norm: float, capacity: int) -> float:
     del capacity
     return clip_norm
 
   def _gradient(self, per_example_loss) -> GradientFn:
-    return functools.partial(dpsgd.private_gradient, per_example_loss)
+    return functools.partial(dpsgd.private_gradient, per_example_loss,
+                             clipping_strategy=self.clipping)
+
+  def report(self, objective, params) -> str | None:
+    """Ghost clipping's plan for `objective`: the parameters each layer rule covers and every
+    parameter that takes the exact fallback."""
+    if self.clipping != "ghost":
+      return None
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    return ghost.discover(objective.per_example_loss, params, objective.example_spec,
+                          rng).describe(params)
 
   def _mismatch(self, objective_name: str) -> str:
     return (f"objective {objective_name!r} has a batch-coupled loss that per-example clipping "
@@ -178,9 +198,16 @@ class LogitDP(_Contrastive):
                              pair_norm_method=self.pair_norms)
 
 
+def _clipping(config) -> str:
+  name = config_lib.get_field(config, "privacy.clipping", "vmap")
+  config_lib.check(name in clipping.STRATEGIES, f"config.privacy.clipping={name!r} is unknown; "
+                   f"choose one of {sorted(clipping.STRATEGIES)}.")
+  return name
+
+
 def _per_example(config, expected_batch_size: int) -> PerExample:
-  del config, expected_batch_size
-  return PerExample()
+  del expected_batch_size
+  return PerExample(clipping=_clipping(config))
 
 
 def _per_batch(config, expected_batch_size: int) -> PerBatch:

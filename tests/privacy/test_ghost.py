@@ -1,0 +1,191 @@
+"""Book-keeping ghost clipping against the vmap reference.
+
+For each objective, on a model shape no demo config uses: the same per-example norms and the
+same clipped sum (to 1e-5, float32), with padding, a non-finite example and examples on both
+sides of C; both norm forms; layers without a rule, weights read outside their layer and a
+layer run twice take the exact fallback and are named; bfloat16 activations stay close to
+float32; a run trains along the same loss curve.
+"""
+
+import json
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpvl import train
+from dpvl.data import sources
+from dpvl.objectives import build_objective
+from dpvl.privacy import clipping
+from dpvl.privacy import ghost
+from tests.privacy import mlp
+
+NUM_MICRO, MICRO = 2, 3
+
+
+def _assert_same(got, want, rtol=1e-5):
+  """Every leaf equal to `rtol` relative to the largest coordinate of the whole sum (a leaf
+  whose exact gradient is zero, like attention's key bias, carries only rounding)."""
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want))
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want),
+                          strict=True):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _compare(loss_fn, params, batch, mask, rngs, rtol=1e-5):
+  """Ghost against vmap at a clip norm between the examples' norms; returns the vmap norms."""
+  _, stats = jax.jit(clipping.clipped_grad_sum, static_argnums=(0,))(
+      loss_fn, params, batch, mask, rngs, np.inf)
+  norms = np.asarray(stats["norms"])
+  finite = norms[np.isfinite(norms) & (norms > 0)]
+  clip_norm = float(np.median(finite))
+  assert np.any(finite < clip_norm) and np.any(finite > clip_norm)  # both sides of C
+  results = [jax.jit(fn, static_argnums=(0,))(loss_fn, params, batch, mask, rngs, clip_norm)
+             for fn in (clipping.clipped_grad_sum, clipping.ghost_clipped_grad_sum)]
+  (want, want_stats), (got, got_stats) = results
+  np.testing.assert_allclose(got_stats["norms"], want_stats["norms"], rtol=rtol)
+  for name in ("loss_sum", "nonfinite"):
+    np.testing.assert_allclose(got_stats[name], want_stats[name], rtol=rtol)
+  _assert_same(got, want, rtol)
+  assert np.all(np.isfinite(mlp.flat(got)))
+  return norms
+
+
+def _objective_batch(config):
+  """The objective of `config` and a batch [2, 3] of its examples: the last slot padding
+  (NaN), one valid example with a NaN pixel."""
+  objective = build_objective(config)
+  source = sources.build_source(config.data)
+  examples = [objective.prepare(source[i]) for i in range(NUM_MICRO * MICRO)]
+  batch = {k: np.stack([e[k] for e in examples]).reshape(NUM_MICRO, MICRO, *v.shape)
+           for k, v in examples[0].items()}
+  batch["image"][1, 2] = np.nan  # padding
+  batch["image"][0, 1, 3, 3, 0] = np.nan  # a valid example that is not finite
+  mask = np.ones((NUM_MICRO, MICRO), bool)
+  mask[1, 2] = False
+  rngs = jax.random.split(jax.random.key(3), NUM_MICRO * MICRO).reshape(NUM_MICRO, MICRO)
+  return objective, objective.init(jax.random.key(0)), batch, mask, rngs
+
+
+def _odd_dpcap(config):
+  """DP-Cap with a width, depth, patch and caption length the demo configs do not use."""
+  config.data.image_size = 12
+  config.tokenizer.max_len = 11
+  config.model.encoder.update(dict(patch_size=2, width=24, depth=2, num_heads=3, mlp_dim=40,
+                                   posemb="learn"))
+  config.model.decoder.update(dict(width=16, depth=2, num_heads=2, mlp_dim=24))
+  return config
+
+
+@pytest.mark.parametrize("form", ["rule", "gram", "direct"])
+def test_dpcap_ghost_equals_vmap(form, dpcap_config, monkeypatch):
+  if form != "rule":
+    monkeypatch.setattr(ghost.Layer, "gram", property(lambda self: form == "gram"))
+  objective, params, batch, mask, rngs = _objective_batch(_odd_dpcap(dpcap_config()))
+  plan = ghost.discover(objective.per_example_loss, params, *ghost.one_unit((batch, rngs)))
+  if form == "rule":  # 36 patch tokens: direct for the 24-wide layers, Gram for the others
+    assert {l.gram for l in plan.layers} == {True, False}
+  assert {l.kind for l in plan.layers} == {"dense", "embed"}
+  text = plan.describe(params)  # learnt position embeddings: per-example gradients, named
+  assert "['vit']['pos_embedding']" in text and "['text']['pos_embedding']" in text, text
+  norms = _compare(objective.per_example_loss, params, batch, mask, rngs)
+  assert not np.isfinite(norms[0, 1]) and norms[1, 2] == 0
+
+
+def test_vip_mae_ghost_equals_vmap_with_per_example_masks(dpcap_config):
+  from configs import vip_tiny  # pylint: disable=import-outside-toplevel
+  config = vip_tiny.get_config()
+  config.data.size, config.data.image_size = 64, 12
+  config.model.encoder.update(dict(patch_size=3, width=20, depth=2, num_heads=2, mlp_dim=28))
+  config.model.decoder.update(dict(width=12, depth=1, num_heads=3, mlp_dim=20))
+  del dpcap_config
+  objective, params, batch, mask, rngs = _objective_batch(config)
+  plan = ghost.discover(objective.per_example_loss, params, *ghost.one_unit((batch, rngs)))
+  assert [plan.names[i] for i in plan.reasons] == ["['mask_token']"]
+  _compare(objective.per_example_loss, params, batch, mask, rngs)
+
+
+class _Odd(nn.Module):
+  """A Conv (no rule), a tied embedding (read outside its layer) and a Dense run twice."""
+
+  @nn.compact
+  def __call__(self, x, ids):
+    h = nn.Conv(4, (3,), name="conv")(x)  # [T, 4]
+    embed = nn.Embed(11, 4, name="embed")
+    h = h + embed(ids)
+    twice = nn.Dense(4, name="twice")
+    h = twice(jnp.tanh(twice(h)))
+    h = nn.Dense(4, name="dense")(nn.LayerNorm(name="norm")(h))
+    return embed.attend(h)  # [T, 11]: tied output
+
+
+def test_layers_without_a_rule_take_the_exact_fallback_and_are_named():
+  model = _Odd()
+  x = jax.random.normal(jax.random.key(0), (NUM_MICRO, MICRO, 6, 3))
+  ids = jax.random.randint(jax.random.key(1), (NUM_MICRO, MICRO, 6), 0, 11)
+  params = model.init(jax.random.key(2), x[0, 0], ids[0, 0])["params"]
+
+  def loss_fn(params, example, rng):
+    del rng
+    logits = model.apply({"params": params}, example["x"], example["ids"])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), example["ids"][:, None], 1))
+
+  batch = dict(x=x, ids=ids)
+  rngs = jax.random.split(jax.random.key(3), NUM_MICRO * MICRO).reshape(NUM_MICRO, MICRO)
+  plan = ghost.discover(loss_fn, params, *ghost.one_unit((batch, rngs)))
+  reasons = {plan.names[i]: why for i, why in plan.reasons.items()}
+  assert reasons == {
+      "['conv']['bias']": "no layer rule", "['conv']['kernel']": "no layer rule",
+      "['embed']['embedding']": "read outside its layer",
+      "['twice']['bias']": "its layer runs more than once per example",
+      "['twice']['kernel']": "its layer runs more than once per example"}
+  assert [plan.names[l.kernel] for l in plan.layers] == ["['dense']['kernel']"]
+  mask = np.ones((NUM_MICRO, MICRO), bool)
+  _compare(loss_fn, params, batch, mask, rngs)
+
+
+def test_a_loss_without_flax_layers_is_all_fallback():
+  params, batch, rngs = mlp.make(scale=3.0)
+  mask = np.ones((3, 4), bool)
+  mask[2, 1:] = False
+  plan = ghost.discover(mlp.loss, params, *ghost.one_unit((batch, rngs)))
+  assert plan.layers == () and len(plan.direct) == 3
+  _compare(mlp.loss, params, batch, mask, rngs)
+
+
+def test_bfloat16_activations_stay_close_to_float32(dpcap_config):
+  config = _odd_dpcap(dpcap_config())
+  objective, params, batch, mask, rngs = _objective_batch(config)
+  batch["image"] = np.nan_to_num(batch["image"])
+  config.model.dtype = "bfloat16"
+  half = build_objective(config)
+  sums = {}
+  for name, loss_fn in (("f32", objective.per_example_loss), ("bf16", half.per_example_loss)):
+    for fn in (clipping.clipped_grad_sum, clipping.ghost_clipped_grad_sum):
+      total, stats = jax.jit(fn, static_argnums=(0,))(loss_fn, params, batch, mask, rngs, 0.5)
+      assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(total))
+      sums[name, fn.__name__] = total, np.asarray(stats["norms"])
+  # bf16: ghost and vmap round differently (ghost multiplies bf16 a and g in float32, vmap
+  # rounds each per-example weight gradient to bf16); both within 2% of float32's norms and
+  # 5% (of the largest coordinate) of its clipped sum.
+  for fn in ("clipped_grad_sum", "ghost_clipped_grad_sum"):
+    np.testing.assert_allclose(sums["bf16", fn][1], sums["f32", fn][1], rtol=2e-2)
+    _assert_same(sums["bf16", fn][0], sums["f32", fn][0], rtol=5e-2)
+  _assert_same(sums["bf16", "ghost_clipped_grad_sum"][0], sums["bf16", "clipped_grad_sum"][0],
+               rtol=5e-2)
+
+
+def test_a_run_with_ghost_clipping_follows_the_vmap_loss_curve(tmp_path, dpcap_config):
+  losses, logs = {}, []
+  for strategy in ("vmap", "ghost"):
+    config = dpcap_config(clipping=strategy)
+    config.steps, config.log_every = 3, 1
+    train.run(config, str(tmp_path / strategy), log=logs.append)
+    rows = [json.loads(line) for line in (tmp_path / strategy / "metrics.jsonl").open()]
+    losses[strategy] = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses["ghost"]) == 3
+  np.testing.assert_allclose(losses["ghost"], losses["vmap"], rtol=1e-5)
+  assert sum(line.startswith("ghost clipping: ") for line in logs) == 1, logs
