@@ -474,7 +474,8 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
       f"steps={plan.steps} capacity={plan.capacity} "
       f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
       f"planned epsilon={ledger.summary['epsilon_planned']}")
-  if plan.enabled and (report := plan.mechanism.report(objective, state["params"])):
+  if plan.enabled and (report := plan.mechanism.report(objective, state["params"],
+                                                          plan.microbatch_size)):
     log(report)
   if start == 0 < plan.steps:
     run_evals(evaluators, state["params"], 0, plan.steps, writer, log)  # the baseline

@@ -17,7 +17,7 @@ def test_the_private_step_compiles_without_data_and_reports_its_cost(dpcap_confi
   config = dpcap_config()
   config.batch.microbatch_size = 128  # one micro-batch: one compilation
   report = dry_run.compile_step(config)
-  params = objectives.build_objective(config).init(jax.random.key(0))
+  params = jax.jit(objectives.build_objective(config).init)(jax.random.key(0))
   assert report["parameters"] == sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   batch = report["batch"]
   assert batch["num_microbatches"] * batch["microbatch_size"] == batch["capacity"] >= 32

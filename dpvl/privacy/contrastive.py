@@ -51,6 +51,7 @@ micro-batches: embeddings (and Grams) first, then the weighted backward pass.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -60,6 +61,7 @@ import numpy as np
 
 from dpvl.privacy import clipping
 from dpvl.privacy import dpsgd
+from dpvl.privacy import ghost
 from dpvl.privacy.sampling import Selection
 
 PAIR_NORMS = ("exact", "bound")
@@ -82,9 +84,10 @@ class DualEncoder:
   temperature: float
 
   def embed(self, params, examples):
-    """(u [n, d], v [n, d]) for a batch of examples."""
-    u = jax.vmap(self.embed_image, (None, 0))(params["image"], examples)
-    v = jax.vmap(self.embed_text, (None, 0))(params["text"], examples)
+    """(u [n, d], v [n, d]) for a batch of examples (mapped with `ghost.vmap`, so that ghost
+    clipping sees every layer call of a group)."""
+    u = ghost.vmap(self.embed_image, (None, 0))(params["image"], examples)
+    v = ghost.vmap(self.embed_text, (None, 0))(params["text"], examples)
     return u, v
 
 
@@ -211,9 +214,24 @@ def hash_groups(selection: Selection, key: int, step: int, groups: int,
                    truncated=selection.truncated + int((~keep).sum()))
 
 
+def _group_losses(model: DualEncoder, params, group, mask):
+  """(sum of the group's pair losses, the losses [capacity]) for a group already placeheld."""
+  u, v = model.embed(params, group)
+  losses = contrastive_losses(u @ v.T, mask, model.temperature)
+  return jnp.sum(losses), losses
+
+
+def group_unit_loss(model: DualEncoder, params, unit, rng=None):
+  """The summed loss of one group as ghost clipping's unit: unit = (examples, mask)."""
+  del rng
+  group, mask = unit
+  return _group_losses(model, params, _placeholder(mask, group), mask)[0]
+
+
 def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                        clip_norm: float, noise_std: float, expected_batch_size: int,
-                       enabled: bool = True, shardings=None, **_):
+                       enabled: bool = True, shardings=None, clipping_strategy: str = "vmap",
+                       **_):
   """Per-batch clipping: micro-batch g of `batch` [groups, capacity, ...] is group g.
 
   Padding is embedded as the zero placeholder. A group whose loss or gradient is not finite (a
@@ -234,16 +252,16 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     expected_batch_size: q * N, the divisor.
     enabled: False for the non-private baseline (no clipping, no noise).
     shardings: the parameters' shardings (`dpsgd.noisy_mean`), or None.
+    clipping_strategy: "vmap" (the group's gradient, then its norm) or "ghost" (book-keeping
+      with the group as the unit: its norm and clipped gradient from the layers' inputs and
+      output gradients); the same clipped sum either way.
 
   Returns:
     (gradient estimate shaped like `params`, metrics of `dpsgd.noisy_mean`); there,
     `clipped_fraction` and `grad_norm_mean` are over the non-empty groups.
   """
 
-  def group_loss(p, group, m):
-    u, v = model.embed(p, group)
-    losses = contrastive_losses(u @ v.T, m, model.temperature)
-    return jnp.sum(losses), losses
+  group_loss = functools.partial(_group_losses, model)
 
   def clipped_group(p, group, m, _):
     """The group's gradient clipped to C as one unit (zero if it or the loss is not finite)."""
@@ -257,7 +275,25 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
         loss_sum=jnp.where(ok, jnp.sum(losses), 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(m)),
         norms=jnp.where(ok, stats["norms"][0], 0.0))
 
-  total, stats = clipping.scan_microbatches(clipped_group, params, batch, mask, rngs)
+  unit_loss = functools.partial(group_unit_loss, model)
+  if enabled and clipping_strategy == "ghost":
+    plan = ghost.discover(unit_loss, params, ghost.one_unit((batch, mask), axes=1), None)
+
+  def ghost_group(p, group, m, _):
+    """`clipped_group` by ghost clipping: the group is the one unit of `ghost.backward`; its
+    loss is finite exactly when every pair's is (a sum of finite terms, or an overflow:
+    dropped too)."""
+    loss, parts = ghost.backward(plan, unit_loss, p, jax.tree.map(lambda x: x[None], (group, m)),
+                                 None)
+    norm = jnp.sqrt(ghost.squared_norms(plan, parts))
+    factor, keep, _ = clipping.clip_factors(norm, jnp.isfinite(loss), clip_norm)
+    ok = keep[0]
+    return ghost.clipped_sum(plan, p, parts, keep, factor), dict(
+        loss_sum=jnp.where(ok, loss[0], 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(m)),
+        norms=jnp.where(ok, norm[0], 0.0))
+
+  micro_fn = ghost_group if enabled and clipping_strategy == "ghost" else clipped_group
+  total, stats = clipping.scan_microbatches(micro_fn, params, batch, mask, rngs)
   nonempty = jnp.any(mask, axis=1)
   groups = jnp.maximum(jnp.sum(nonempty), 1)
   stats["clipped_fraction"] = jnp.sum(nonempty & (stats["norms"] > clip_norm)) / groups

@@ -88,9 +88,15 @@ class Mechanism:
   def _gradient(self, part) -> GradientFn:
     raise NotImplementedError
 
-  def report(self, objective, params) -> str | None:
-    """A line for the run's log on how the clipped sums are computed, or None."""
-    del objective, params
+  def report(self, objective, params, microbatch_size: int = 1) -> str | None:
+    """A line for the run's log on how the clipped sums are computed, or None.
+
+    Args:
+      objective: the run's objective.
+      params: its parameters (or their shapes).
+      microbatch_size: the slots of a micro-batch (a group's, for per-batch clipping).
+    """
+    del objective, params, microbatch_size
     return None
 
   def _mismatch(self, objective_name: str) -> str:
@@ -113,9 +119,10 @@ class PerExample(Mechanism):
     return functools.partial(dpsgd.private_gradient, per_example_loss,
                              clipping_strategy=self.clipping)
 
-  def report(self, objective, params) -> str | None:
+  def report(self, objective, params, microbatch_size: int = 1) -> str | None:
     """Ghost clipping's plan for `objective`: the parameters each layer rule covers and every
     parameter that takes the exact fallback."""
+    del microbatch_size
     if self.clipping != "ghost":
       return None
     rng = jax.eval_shape(lambda: jax.random.key(0))
@@ -146,6 +153,7 @@ class PerBatch(_Contrastive):
   name: ClassVar[str] = "per_batch"
   num_groups: int = 1
   slot_multiple: int = 8
+  clipping: str = "vmap"  # a key of `clipping.STRATEGIES`: speed and memory, never Delta
 
   @property
   def groups(self) -> int:
@@ -177,7 +185,18 @@ class PerBatch(_Contrastive):
     return contrastive.per_batch_sensitivity(clip_norm)
 
   def _gradient(self, dual_encoder) -> GradientFn:
-    return functools.partial(contrastive.per_batch_gradient, dual_encoder)
+    return functools.partial(contrastive.per_batch_gradient, dual_encoder,
+                             clipping_strategy=self.clipping)
+
+  def report(self, objective, params, microbatch_size: int = 1) -> str | None:
+    """Ghost clipping's plan for a group of `microbatch_size` slots, as `PerExample.report`."""
+    if self.clipping != "ghost":
+      return None
+    group = jax.tree.map(lambda x: jax.ShapeDtypeStruct((microbatch_size, *x.shape), x.dtype),
+                         dict(objective.example_spec))
+    mask = jax.ShapeDtypeStruct((microbatch_size,), bool)
+    loss = functools.partial(contrastive.group_unit_loss, objective.dual_encoder)
+    return ghost.discover(loss, params, (group, mask)).describe(params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +237,7 @@ def _per_batch(config, expected_batch_size: int) -> PerBatch:
   config_lib.check(isinstance(multiple, int) and multiple > 0,
                    f"config.batch.slot_multiple must be a positive integer, got {multiple!r}.")
   return PerBatch(num_groups=max(1, round(expected_batch_size / group_size)),
-                  slot_multiple=multiple)
+                  slot_multiple=multiple, clipping=_clipping(config))
 
 
 def _logit_dp(config, expected_batch_size: int) -> LogitDP:

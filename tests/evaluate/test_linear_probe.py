@@ -101,7 +101,7 @@ def test_probe_reads_the_encoder_of_the_objective():
   config = small_vip_config(colour=eval_configs.scene_probe("colour_label", blocks=0))
   objective = build_objective(config)
   (evaluator,) = evaluate.build_evaluators(config, objective)
-  metrics = evaluator(objective.init(jax.random.key(0)))
+  metrics = evaluator(jax.jit(objective.init)(jax.random.key(0)))
   assert set(metrics) == {"colour/top1", "colour/train_top1", "colour/skipped"}
   assert metrics["colour/top1"] > 0.5 and metrics["colour/skipped"] == 0
 

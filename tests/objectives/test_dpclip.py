@@ -57,7 +57,7 @@ def per_batch_setup(dpclip_config):
   """The small DP-CLIP model, 200 prepared records and a jitted clipped sum (noise off)."""
   config = dpclip_config()
   objective = build_objective(config)
-  params = objective.init(jax.random.key(0))
+  params = jax.jit(objective.init)(jax.random.key(0))
   source = sources.build_source(config.data)
   clip = 0.5
   run = jax.jit(lambda b, m: contrastive.per_batch_gradient(

@@ -40,7 +40,7 @@ def _objective_and_batch(n=6):
   objective = build_objective(config)
   source = sources.build_source(config.data)
   images = jnp.stack([objective.prepare(source[i])["image"] for i in range(n)])
-  return config, objective, objective.init(jax.random.key(0)), dict(image=images)
+  return config, objective, jax.jit(objective.init)(jax.random.key(0)), dict(image=images)
 
 
 def test_masks_differ_between_examples_and_cover_the_ratio():
@@ -75,7 +75,7 @@ def test_position_embeddings_are_fixed_and_the_mask_comes_from_the_example_key()
   assert not any("pos" in n for n in names), names  # nothing an optimizer step could change
   learned = small_vip_config()
   learned.model.encoder.posemb = "learn"  # the check above would see a learned table
-  learned_params = build_objective(learned).init(jax.random.key(0))
+  learned_params = jax.jit(build_objective(learned).init)(jax.random.key(0))
   assert any("pos_embedding" in jax.tree_util.keystr(p)
              for p, _ in jax.tree_util.tree_flatten_with_path(learned_params)[0])
   state_params = params

@@ -72,8 +72,9 @@ def _command(config: str, workdir: str, *flags: str) -> list[str]:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-              JAX_PLATFORMS="cpu", PYTHONPATH=os.path.abspath(ROOT), PYTHONUNBUFFERED="1")
+  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
+              PYTHONPATH=os.path.abspath(ROOT), PYTHONUNBUFFERED="1")
 
 
 # The state sharded over all 8 devices, so that each process holds half of every leaf: the
