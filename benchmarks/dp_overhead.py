@@ -89,7 +89,7 @@ def measure(name: str, microbatch: int, accumulate: int, repeats: int, vocab_dir
   optimizer = optim.make_optimizer(optim.settings(config), 100)
   state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
   keys = (jax.random.key(1), jax.random.key(2))
-  rows = []
+  compiled, temps = {}, {}
   for strategy in STRATEGIES:
     mechanism = base.mechanism
     if strategy != "non-private":
@@ -98,17 +98,19 @@ def measure(name: str, microbatch: int, accumulate: int, repeats: int, vocab_dir
                                expected_batch_size=accumulate * microbatch,
                                num_microbatches=accumulate, microbatch_size=microbatch)
     step = train.make_train_step(mechanism.gradient(objective), optimizer, plan)
-    compiled = jax.jit(step).lower(state, batch, mask, *keys).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    jax.block_until_ready(compiled(state, batch, mask, *keys))  # warm
-    times = []
-    for _ in range(repeats):
+    compiled[strategy] = jax.jit(step).lower(state, batch, mask, *keys).compile()
+    temps[strategy] = compiled[strategy].memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled[strategy](state, batch, mask, *keys))  # warm
+  times = {strategy: [] for strategy in STRATEGIES}
+  for _ in range(repeats):  # round-robin: a slow spell of the machine hits every strategy
+    for strategy in STRATEGIES:
       start = time.perf_counter()
-      jax.block_until_ready(compiled(state, batch, mask, *keys))
-      times.append(time.perf_counter() - start)
-    rows.append(dict(objective=objective.name, model=name, batch=accumulate * microbatch,
-                     microbatch=microbatch, strategy=strategy,
-                     seconds=statistics.median(times), temp_bytes=int(temp)))
+      jax.block_until_ready(compiled[strategy](state, batch, mask, *keys))
+      times[strategy].append(time.perf_counter() - start)
+  rows = [dict(objective=objective.name, model=name, batch=accumulate * microbatch,
+               microbatch=microbatch, strategy=strategy,
+               seconds=statistics.median(times[strategy]), temp_bytes=int(temps[strategy]))
+          for strategy in STRATEGIES]
   for row in rows:
     row["ratio"] = row["seconds"] / rows[0]["seconds"]
     row["memory_ratio"] = row["temp_bytes"] / max(rows[0]["temp_bytes"], 1)
@@ -122,7 +124,7 @@ def main():
   parser.add_argument("--microbatches", default="",
                       help="comma-separated micro-batch sizes (default: the case's)")
   parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--json", action="store_true", help="one JSON object per row")
   args = parser.parse_args()
   if not args.json:

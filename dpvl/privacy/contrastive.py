@@ -283,8 +283,8 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     """`clipped_group` by ghost clipping: the group is the one unit of `ghost.backward`; its
     loss is finite exactly when every pair's is (a sum of finite terms, or an overflow:
     dropped too)."""
-    loss, parts = ghost.backward(plan, unit_loss, p, jax.tree.map(lambda x: x[None], (group, m)),
-                                 None)
+    unit = jax.tree.map(lambda x: x[None], (group, m))
+    loss, parts = ghost.backward(plan, unit_loss, p, unit, None, spmd_axis_name=None)
     norm = jnp.sqrt(ghost.squared_norms(plan, parts))
     factor, keep, _ = clipping.clip_factors(norm, jnp.isfinite(loss), clip_norm)
     ok = keep[0]

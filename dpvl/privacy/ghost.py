@@ -340,7 +340,8 @@ class Parts:
   grads: dict
 
 
-def backward(plan: Plan, loss_fn: Callable, params, units, rngs):
+def backward(plan: Plan, loss_fn: Callable, params, units, rngs,
+             spmd_axis_name=mesh_lib.BATCH_AXES):
   """(losses [B], Parts) of B units from one forward and one backward pass.
 
   Args:
@@ -348,7 +349,9 @@ def backward(plan: Plan, loss_fn: Callable, params, units, rngs):
     loss_fn: (params, unit, rng) -> the unit's scalar loss.
     params: the parameters.
     units: a pytree, leaves [B, ...].
-    rngs: PRNG keys [B].
+    rngs: PRNG keys [B], or None.
+    spmd_axis_name: the mesh axes the units are split over (None: the unit axis is not split,
+      e.g. one group per micro-batch whose examples are).
   """
   leaves, treedef = jax.tree.flatten(params)
   size = jax.tree.leaves(units)[0].shape[0]
@@ -365,7 +368,7 @@ def backward(plan: Plan, loss_fn: Callable, params, units, rngs):
   direct = [jnp.broadcast_to(leaves[i], (size, *leaves[i].shape)) for i in plan.direct]
   perturbations = {l.kernel: jnp.zeros((size, *l.output.shape), l.output.dtype)
                    for l in plan.layers}
-  batched = jax.vmap(one, spmd_axis_name=mesh_lib.BATCH_AXES)  # units: split over them
+  batched = jax.vmap(one, spmd_axis_name=spmd_axis_name)
   losses, pullback, inputs = jax.vjp(lambda d, p: batched(d, p, units, rngs), direct,
                                      perturbations, has_aux=True)
   grads_direct, grads = pullback(jnp.ones_like(losses))
@@ -384,6 +387,17 @@ def _rows(layer: Layer, a, g):
 
 def _gram(x):
   return jnp.einsum("btd,bsd->bts", x, x, precision=_HIGHEST, preferred_element_type=_F32)
+
+
+def _weight_grads(a, g):
+  """Per-unit weight gradients a^T g, float32 [B, d, p] (the direct form: `squared_norms` and
+  `clipped_sum` compute the same op, which the compiler computes once)."""
+  return jnp.einsum("btd,btp->bdp", a, g, precision=_HIGHEST, preferred_element_type=_F32)
+
+
+def _bias_grads(g):
+  """Per-unit bias gradients sum_t g_t, float32 [B, p]."""
+  return jnp.sum(g.astype(_F32), axis=1)
 
 
 def _embedding_rows(ids, g, vocab: int):
@@ -408,10 +422,9 @@ def squared_norms(plan: Plan, parts: Parts) -> jax.Array:
     if layer.gram:
       total += jnp.einsum("bts,bts->b", _gram(a), _gram(g), precision=_HIGHEST)
     else:
-      w = jnp.einsum("btd,btp->bdp", a, g, precision=_HIGHEST, preferred_element_type=_F32)
-      total += jnp.sum(jnp.square(w), axis=(1, 2))
+      total += jnp.sum(jnp.square(_weight_grads(a, g)), axis=(1, 2))
     if layer.bias is not None:
-      total += jnp.sum(jnp.square(jnp.sum(g.astype(_F32), axis=1)), axis=1)
+      total += jnp.sum(jnp.square(_bias_grads(g)), axis=1)
   return total
 
 
@@ -437,6 +450,13 @@ def clipped_sum(plan: Plan, params, parts: Parts, keep, factors):
     out[i] = jnp.einsum("b...,b->...", zeroed(g.astype(_F32)), factors, precision=_HIGHEST)
   for layer in plan.layers:
     a, g = _rows(layer, parts.inputs[layer.kernel], parts.grads[layer.kernel])
+    if layer.bias is not None:
+      b = jnp.einsum("bp,b->p", zeroed(_bias_grads(g)), factors, precision=_HIGHEST)
+      out[layer.bias] = b.reshape(leaves[layer.bias].shape)
+    if layer.kind == "dense" and not layer.gram:  # the per-unit gradients are at hand
+      w = jnp.einsum("bdp,b->dp", zeroed(_weight_grads(a, g)), factors, precision=_HIGHEST)
+      out[layer.kernel] = w.reshape(leaves[layer.kernel].shape)
+      continue
     g = zeroed(g.astype(_F32)) * factors[:, None, None]
     if layer.kind == "embed":
       table = jnp.zeros((layer.fan_in, layer.fan_out), _F32)
@@ -444,8 +464,6 @@ def clipped_sum(plan: Plan, params, parts: Parts, keep, factors):
       continue
     w = jnp.einsum("btd,btp->dp", zeroed(a).astype(_F32), g, precision=_HIGHEST)
     out[layer.kernel] = w.reshape(leaves[layer.kernel].shape)
-    if layer.bias is not None:
-      out[layer.bias] = jnp.sum(g, axis=(0, 1)).reshape(leaves[layer.bias].shape)
   return jax.tree.unflatten(treedef, out)
 
 

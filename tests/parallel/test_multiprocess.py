@@ -1,11 +1,11 @@
 """Training on several meshes and processes (simulated CPU devices).
 
-One process runs the demo on 1 device, on data=8 and on data=2 x fsdp=4 (the state sharded):
-the loss curves and parameters agree. A run of 2 processes x 4 devices through the real
-multi-host path (`jax.distributed` on localhost), its state sharded over both (fsdp=8),
-preempted by SIGTERM on process 1 and resumed, matches the data=8 run: same ledger, loss curve
-and parameters (to the float32 sums' order); only process 0 speaks;
-a workdir locked by another run is refused by every process. A single process preempted from
+One process runs the demo on 1 device, on data=8 and on data=2 x fsdp=4 (the state sharded,
+ghost clipping): the loss curves and parameters agree. A run of 2 processes x 4 devices through
+the real multi-host path (`jax.distributed` on localhost), its state sharded over both
+(fsdp=8), preempted by SIGTERM on process 1 and resumed, matches the data=8 run: same ledger,
+loss curve and parameters (to the float32 sums' order); only process 0 speaks; a workdir
+locked by another run is refused by every process. A single process preempted from
 the command line exits 0 with a checkpoint."""
 
 import json
@@ -47,10 +47,12 @@ from dpvl import checkpoint as checkpoint_lib
 from dpvl import train
 assert jax.device_count() == 8, jax.devices()
 specs = {}
-for name, mesh, devices in [("one", dict(data=1), jax.devices()[:1]), ("data8", dict(data=8), None),
-                            ("data2_fsdp4", dict(data=2, fsdp=4, fsdp_min_size=0), None)]:
+for name, mesh, devices, clipping in [
+    ("one", dict(data=1), jax.devices()[:1], "vmap"), ("data8", dict(data=8), None, "vmap"),
+    ("data2_fsdp4", dict(data=2, fsdp=4, fsdp_min_size=0), None, "ghost")]:
   config = get_config()
   config.mesh.update(mesh)
+  config.privacy.clipping = clipping
   train.run(config, os.path.join(sys.argv[2], name), log=lambda *_: None, devices=devices)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(sys.argv[2], name, "checkpoints"))
   params = ckpt.restore_state_arrays()["params"]  # as saved: with the run's shardings

@@ -32,6 +32,20 @@ def test_an_unknown_mechanism_lists_the_choices():
     mechanism_lib.build_mechanism(_config(mechanism="per_sample"), expected_batch_size=1024)
 
 
+@pytest.mark.parametrize("name", ["per_example", "per_batch"])
+def test_the_clipping_strategy_is_read_and_checked(name):
+  assert mechanism_lib.build_mechanism(_config(mechanism=name),
+                                       expected_batch_size=1024).clipping == "vmap"
+  built = mechanism_lib.build_mechanism(_config(mechanism=name, clipping="ghost"),
+                                        expected_batch_size=1024)
+  assert built.clipping == "ghost"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.privacy.clipping='fast' is unknown; choose one of "
+                           r"\['ghost', 'vmap'\]"):
+    mechanism_lib.build_mechanism(_config(mechanism=name, clipping="fast"),
+                                  expected_batch_size=1024)
+
+
 def test_per_batch_hashes_into_groups_of_the_expected_size_and_lays_one_per_microbatch():
   mechanism = mechanism_lib.build_mechanism(_config(mechanism="per_batch"), 1024)
   assert mechanism.groups == 16
