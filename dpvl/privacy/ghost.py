@@ -13,13 +13,14 @@ ICML 2023) reads every layer's per-example norm and clipped sum from one backwar
   4. the clipped sum from the same a and g and each example's clip factor c:
      einsum('btd,btp,b->dp', a, g, c). No second backward pass.
 
-Layer rules: `nn.Dense` and `nn.DenseGeneral` (kernel and bias: patch embeddings, attention
-projections, MLPs, heads) and `nn.Embed` (token embeddings: the Gram form compares token ids).
-Every other parameter (LayerNorm scales and biases, learnt position embeddings, MAE's mask
-token, a layer without a rule) enters the vmapped loss with a batch axis, so the same backward
-pass returns its per-example gradient exactly as `jax.vmap(jax.grad)` would: the exact fallback,
-cheap for these vectors. A covered layer whose weights are also read outside the layer, or that
-runs twice for one example, falls back too: `discover` reads both off the traced loss.
+Layer rules: `nn.Dense` and `nn.DenseGeneral` with the standard dot product (kernel and bias:
+patch embeddings, attention projections, MLPs, heads) and `nn.Embed` (token embeddings: the Gram
+form compares token ids). Every other parameter (LayerNorm scales and biases, learnt position
+embeddings, MAE's mask token, a layer without a rule) enters the vmapped loss with a batch axis,
+so the same backward pass returns its per-example gradient exactly as `jax.vmap(jax.grad)`
+would: the exact fallback, cheap for these vectors. A covered layer whose weights are also read
+outside the layer, or that runs twice for one example, falls back too: `discover` reads both
+off the traced loss.
 
 The "example" is whatever unit the mechanism clips: one example for DP-SGD, a hash group for
 per-batch clipping; a unit that embeds its examples one by one does so with `vmap` below, which
@@ -170,8 +171,9 @@ def _intercept(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   if isinstance(module, nn.Embed):
     kind, name = "embed", "embedding"
-  elif isinstance(module, nn.Dense) or (isinstance(module, nn.DenseGeneral)
-                                        and not module.batch_dims):
+  elif (isinstance(module, nn.Dense) or (isinstance(module, nn.DenseGeneral)
+                                         and not module.batch_dims)) and (
+      module.dot_general is None and module.dot_general_cls is None):  # a^T g holds
     kind, name = "dense", "kernel"
   else:
     return next_fun(*args, **kwargs)
