@@ -77,6 +77,13 @@ def clip_factors(norms: jax.Array, mask: jax.Array, clip_norm: float):
   return factors, keep, stats
 
 
+def _with_loss_sum(stats: dict, losses: jax.Array) -> dict:
+  """`clip_factors`' stats with `kept` replaced by `loss_sum`: the sum of the kept, finite
+  losses."""
+  ok = stats.pop("kept") & jnp.isfinite(losses)
+  return dict(stats, loss_sum=jnp.sum(jnp.where(ok, losses, 0.0)))
+
+
 def zeros_f32(params):
   """float32 zeros shaped like `params`: the accumulator of gradient sums."""
   return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -134,10 +141,7 @@ def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: floa
   def micro_fn(params, micro, m, r):
     losses, grads = value_and_grad(params, micro, r)
     clipped, stats = clip(grads, m, clip_norm)
-    g = jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped)
-    ok = stats.pop("kept") & jnp.isfinite(losses)
-    stats["loss_sum"] = jnp.sum(jnp.where(ok, losses, 0.0))
-    return g, stats
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped), _with_loss_sum(stats, losses)
 
   return scan_microbatches(micro_fn, params, batch, mask, rngs)
 
@@ -151,10 +155,7 @@ def ghost_clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm
     losses, parts = ghost.backward(plan, loss_fn, params, micro, r)
     norms = jnp.sqrt(ghost.squared_norms(plan, parts))
     factors, keep, stats = clip_factors(norms, m, clip_norm)
-    total = ghost.clipped_sum(plan, params, parts, keep, factors)
-    ok = stats.pop("kept") & jnp.isfinite(losses)
-    stats["loss_sum"] = jnp.sum(jnp.where(ok, losses, 0.0))
-    return total, stats
+    return ghost.clipped_sum(plan, params, parts, keep, factors), _with_loss_sum(stats, losses)
 
   return scan_microbatches(micro_fn, params, batch, mask, rngs)
 

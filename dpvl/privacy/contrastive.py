@@ -228,6 +228,13 @@ def group_unit_loss(model: DualEncoder, params, unit, rng=None):
   return _group_losses(model, params, _placeholder(mask, group), mask)[0]
 
 
+def _group_stats(ok, loss_sum, norm, mask) -> dict:
+  """A group's stats for `clipping.scan_microbatches`: its loss and norm if kept (`ok`), else
+  zeros and every record of the group counted in `nonfinite`."""
+  return dict(loss_sum=jnp.where(ok, loss_sum, 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(mask)),
+              norms=jnp.where(ok, norm, 0.0))
+
+
 def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                        clip_norm: float, noise_std: float, expected_batch_size: int,
                        enabled: bool = True, shardings=None, clipping_strategy: str = "vmap",
@@ -270,14 +277,10 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     as_one = jax.tree.map(lambda x: x[None], g)
     clipped, stats = clipping.clip(as_one, jnp.all(jnp.isfinite(losses))[None],
                                    clip_norm if enabled else jnp.inf)
-    ok = stats["kept"][0]
-    return jax.tree.map(lambda x: x[0], clipped), dict(
-        loss_sum=jnp.where(ok, jnp.sum(losses), 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(m)),
-        norms=jnp.where(ok, stats["norms"][0], 0.0))
+    return jax.tree.map(lambda x: x[0], clipped), _group_stats(
+        stats["kept"][0], jnp.sum(losses), stats["norms"][0], m)
 
   unit_loss = functools.partial(group_unit_loss, model)
-  if enabled and clipping_strategy == "ghost":
-    plan = ghost.discover(unit_loss, params, ghost.one_unit((batch, mask), axes=1), None)
 
   def ghost_group(p, group, m, _):
     """`clipped_group` by ghost clipping: the group is the one unit of `ghost.backward`; its
@@ -287,12 +290,13 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     loss, parts = ghost.backward(plan, unit_loss, p, unit, None, spmd_axis_name=None)
     norm = jnp.sqrt(ghost.squared_norms(plan, parts))
     factor, keep, _ = clipping.clip_factors(norm, jnp.isfinite(loss), clip_norm)
-    ok = keep[0]
-    return ghost.clipped_sum(plan, p, parts, keep, factor), dict(
-        loss_sum=jnp.where(ok, loss[0], 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(m)),
-        norms=jnp.where(ok, norm[0], 0.0))
+    return ghost.clipped_sum(plan, p, parts, keep, factor), _group_stats(
+        keep[0], loss[0], norm[0], m)
 
-  micro_fn = ghost_group if enabled and clipping_strategy == "ghost" else clipped_group
+  micro_fn = clipped_group
+  if enabled and clipping_strategy == "ghost":
+    plan = ghost.discover(unit_loss, params, ghost.one_unit((batch, mask), axes=1), None)
+    micro_fn = ghost_group
   total, stats = clipping.scan_microbatches(micro_fn, params, batch, mask, rngs)
   nonempty = jnp.any(mask, axis=1)
   groups = jnp.maximum(jnp.sum(nonempty), 1)

@@ -128,8 +128,8 @@ class _Tape:
   While discovering, `perturbations` is None and the layer calls are recorded in `found`.
   """
 
-  def __init__(self, leaves, weights, perturbations=None, scopes=None):
-    self.index = {id(x): i for i, x in enumerate(leaves)}
+  def __init__(self, leaves, weights, perturbations=None, scopes=None, index=None):
+    self.index = index if index is not None else {id(x): i for i, x in enumerate(leaves)}
     self.weights = weights
     self.perturbations = perturbations  # kernel index -> [*output]
     self.scopes = scopes or {}          # kernel index -> Layer.scope
@@ -238,9 +238,8 @@ def vmap(fn: Callable, in_axes=0) -> Callable:
     found = []
 
     def run(perturbations, *args):
-      sub = _Tape([], tape.weights, None if tape.perturbations is None else perturbations,
-                  scopes)
-      sub.index = tape.index
+      sub = _Tape((), tape.weights, None if tape.perturbations is None else perturbations,
+                  scopes, index=tape.index)
       with sub:
         out = fn(*args)
       found.append(sub)
