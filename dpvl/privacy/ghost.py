@@ -169,10 +169,11 @@ def _intercept(next_fun, args, kwargs, context):
     tape.layer_norms.update(i for i in (_leaf(tape, module, "scale"), _leaf(tape, module, "bias"))
                             if i is not None)
     return next_fun(*args, **kwargs)
-  if isinstance(module, nn.Embed):
+  # Exactly these classes: a subclass may compute anything from the same weights.
+  if type(module) is nn.Embed:
     kind, name = "embed", "embedding"
-  elif (isinstance(module, nn.Dense) or (isinstance(module, nn.DenseGeneral)
-                                         and not module.batch_dims)) and (
+  elif (type(module) is nn.Dense or (type(module) is nn.DenseGeneral
+                                      and not module.batch_dims)) and (
       module.dot_general is None and module.dot_general_cls is None):  # a^T g holds
     kind, name = "dense", "kernel"
   else:

@@ -128,8 +128,18 @@ def test_vip_mae_ghost_equals_vmap_with_per_example_masks(dpcap_config):
   _compare(objective.per_example_loss, params, batch, mask, rngs)
 
 
+class _Squared(nn.Dense):
+  """A Dense subclass whose map is not x W: its kernel gradient is not a^T g."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features))
+    return inputs @ (kernel * kernel)
+
+
 class _Odd(nn.Module):
-  """A Conv (no rule), a tied embedding (read outside its layer) and a Dense run twice."""
+  """A Conv (no rule), a Dense subclass (no rule), a tied embedding (read outside its layer)
+  and a Dense run twice."""
 
   @nn.compact
   def __call__(self, x, ids):
@@ -138,6 +148,7 @@ class _Odd(nn.Module):
     h = h + embed(ids)
     twice = nn.Dense(4, name="twice")
     h = twice(jnp.tanh(twice(h)))
+    h = _Squared(4, name="squared")(h)
     h = nn.Dense(4, name="dense")(nn.LayerNorm(name="norm")(h))
     return embed.attend(h)  # [T, 11]: tied output
 
@@ -160,6 +171,7 @@ def test_layers_without_a_rule_take_the_exact_fallback_and_are_named():
   assert reasons == {
       "['conv']['bias']": "no layer rule", "['conv']['kernel']": "no layer rule",
       "['embed']['embedding']": "read outside its layer",
+      "['squared']['kernel']": "no layer rule",
       "['twice']['bias']": "its layer runs more than once per example",
       "['twice']['kernel']": "its layer runs more than once per example"}
   assert [plan.names[l.kernel] for l in plan.layers] == ["['dense']['kernel']"]
