@@ -21,12 +21,15 @@ setup(
         "sentencepiece>=0.2,<0.3",
         "ml-collections>=1.0,<2",
         "dp-accounting>=0.6.0,<0.7",
+        "jax-privacy>=2.0,<3",  # its auditing statistics: dpvl.privacy.audit
         "einops>=0.8,<0.9",
         "numpy>=1.26,<3",
         "scipy>=1.11,<2",
         "pillow>=10,<14",
         "absl-py>=2.1,<3",
         "tensorboardX>=2.6,<3",
+        "matplotlib>=3.7,<4",  # python -m dpvl.report
+        "tqdm>=4.60,<5",  # dpvl.progress
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "ruff==0.17.6"],  # ruff: tests/test_lint.py

@@ -8,7 +8,8 @@ is checked as training would read it (image decodes, caption is clean UTF-8 text
 left out and counted by reason. Resumable: a shard is done when its marker
 (`shard-XXXXX.json`, written after its ArrayRecord file is complete) exists; a rerun skips it.
 At the end `index.json` gives N (the records written), the shards, and the rejected counts;
-the command prints them.
+the command prints them. On a terminal a progress bar counts the shards done, with their rate
+and an ETA (`dpvl.progress`).
 """
 
 import argparse
@@ -22,6 +23,7 @@ from array_record.python import array_record_module
 from etils import epath
 
 from dpvl import jsonfile
+from dpvl import progress
 from dpvl.data import arrayrecord
 from dpvl.data import errors
 from dpvl.data import records
@@ -100,13 +102,16 @@ def convert(shards, out_dir: str, workers: int = 1, log=print) -> dict:
     raise ValueError(f"--from={shards!r} names no tar shard.")
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  numbers = range(len(urls))
+  track = lambda done: progress.track(done, total=len(urls), desc="shards", unit="shard")
   if workers > 1:
     context = multiprocessing.get_context("spawn")  # safe beside threads (JAX, readers)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-      results = list(pool.map(convert_shard, urls, [out_dir] * len(urls), numbers))
+      futures = [pool.submit(convert_shard, url, out_dir, n) for n, url in enumerate(urls)]
+      for _ in track(concurrent.futures.as_completed(futures)):  # counted as they finish
+        pass
+      results = [f.result() for f in futures]
   else:
-    results = list(map(convert_shard, urls, [out_dir] * len(urls), numbers))
+    results = list(track(convert_shard(url, out_dir, n) for n, url in enumerate(urls)))
   rejected = collections.Counter()
   for r in results:
     rejected.update(r["rejected"])

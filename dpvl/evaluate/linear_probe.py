@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpvl import progress
 from dpvl.config import ConfigError
 from dpvl.config import get_field
 from dpvl.data import sources
@@ -123,7 +124,8 @@ def encoder_features(tokens, blocks_out, k: int) -> jax.Array:
   return jnp.mean(tokens, axis=1) if k == 0 else mean_pooled_blocks(blocks_out, k)
 
 
-def load_labelled(source, count: int, image_size: int, label_key: str = "label"):
+def load_labelled(source, count: int, image_size: int, label_key: str = "label",
+                  desc: str = "records"):
   """The first `count` usable records as (normalised images [n, S, S, 3], labels [n]) and the
   number of records skipped per reason; reads further records to replace skipped ones.
 
@@ -132,6 +134,7 @@ def load_labelled(source, count: int, image_size: int, label_key: str = "label")
     count: n, the records wanted.
     image_size: S; images are resized (shorter side) and centre-cropped to it.
     label_key: the record's field holding the integer label.
+    desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
 
   Returns:
     (float32 images [n, S, S, 3] in [-1, 1], int32 labels [n], {reason: records skipped}).
@@ -140,11 +143,11 @@ def load_labelled(source, count: int, image_size: int, label_key: str = "label")
     ValueError: if the source holds fewer than `count` usable records.
   """
   images, labels, skipped = load_images(source, count, image_size,
-                                        lambda record: int(record[label_key]))
+                                        lambda record: int(record[label_key]), desc)
   return images, np.asarray(labels, np.int32), skipped
 
 
-def load_images(source, count: int, image_size: int, extract):
+def load_images(source, count: int, image_size: int, extract, desc: str = "records"):
   """The first `count` usable records as (normalised images [n, S, S, 3], [extract(record)],
   skipped per reason); a record whose image or `extract` fails is skipped and replaced.
 
@@ -154,6 +157,7 @@ def load_images(source, count: int, image_size: int, extract):
     image_size: S; images are resized (shorter side) and centre-cropped to it.
     extract: record -> value kept beside its image. A KeyError, TypeError, ValueError or
       OSError (reading the record, `extract`, or its image) skips the record.
+    desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
 
   Returns:
     (float32 images [n, S, S, 3] in [-1, 1], list of n extracted values,
@@ -164,35 +168,38 @@ def load_images(source, count: int, image_size: int, extract):
   """
   images, values, skipped = [], [], {}
   index = 0
-  while len(images) < count and index < len(source):
-    try:
-      record = source[index]
-      value = extract(record)
-      image = transforms.normalize_image(
-          transforms.resize_center_crop(record["image"], image_size))
-    except (KeyError, TypeError, ValueError, OSError) as e:
-      reason = getattr(e, "reason", type(e).__name__)  # a data-layer BadRecord names its reason
-      skipped[reason] = skipped.get(reason, 0) + 1
-    else:
-      images.append(image)
-      values.append(value)
-    index += 1
+  with progress.bar(count, desc, unit="record") as loading:
+    while len(images) < count and index < len(source):
+      try:
+        record = source[index]
+        value = extract(record)
+        image = transforms.normalize_image(
+            transforms.resize_center_crop(record["image"], image_size))
+      except (KeyError, TypeError, ValueError, OSError) as e:
+        reason = getattr(e, "reason", type(e).__name__)  # a data-layer BadRecord names it
+        skipped[reason] = skipped.get(reason, 0) + 1
+      else:
+        images.append(image)
+        values.append(value)
+        loading.update(1)
+      index += 1
   if len(images) < count:
     raise ValueError(f"the source holds {len(images)} usable records, {count} needed "
                      f"(skipped: {skipped}).")
   return np.stack(images), values, skipped
 
 
-def chunked(fn, chunk: int = 256):
+def chunked(fn, chunk: int = 256, desc: str = "features"):
   """Applies jitted `fn(params, x)` to `x` in fixed-size chunks (one compilation): returns
-  apply(params, x) -> concatenated numpy outputs for the rows of x."""
+  apply(params, x) -> concatenated numpy outputs for the rows of x. A progress bar labelled
+  `desc` counts the chunks on a terminal (`dpvl.progress`)."""
   fn = jax.jit(fn)
 
   def apply(params, x):
     n = len(x)
     x = np.concatenate([x, np.zeros((-n % chunk, *x.shape[1:]), x.dtype)])
-    return np.concatenate([np.asarray(fn(params, x[i:i + chunk]))
-                           for i in range(0, len(x), chunk)])[:n]
+    batches = progress.track(range(0, len(x), chunk), desc=desc, unit="batch")
+    return np.concatenate([np.asarray(fn(params, x[i:i + chunk])) for i in batches])[:n]
 
   return apply
 
@@ -226,7 +233,7 @@ def build(config, name: str, objective):
   try:
     source = sources.build_source(field("data"))
     images, labels, skipped = load_labelled(source, n_train + n_test, objective.image_size,
-                                            field("label_key", "label"))
+                                            field("label_key", "label"), f"{name}: images")
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   num_classes = int(field("num_classes", 0) or labels.max() + 1)
@@ -235,7 +242,8 @@ def build(config, name: str, objective):
   options = dict(steps=int(field("steps", 500)), batch_size=int(field("batch_size", 256)),
                  learning_rate=float(field("learning_rate", 1e-2)),
                  weight_decay=float(field("weight_decay", 1e-4)))
-  features = chunked(lambda params, x: encoder_features(*objective.encode(params, x), k))
+  features = chunked(lambda params, x: encoder_features(*objective.encode(params, x), k),
+                     desc=f"{name}: features")
 
   def evaluate(params):
     feats = features(params, images)

@@ -29,7 +29,7 @@ def image_and_text_embedders(objective, name: str):
                       f"{objective.name!r}.")
   dual = objective.dual_encoder
   embed = lambda fn, key, tower: chunked(lambda params, x: jax.vmap(
-      lambda one: fn(params[tower], {key: one}))(x))
+      lambda one: fn(params[tower], {key: one}))(x), desc=f"{name}: {tower} embeddings")
   return (embed(dual.embed_image, "image", "image"), embed(dual.embed_text, "tokens", "text"))
 
 
@@ -64,7 +64,7 @@ def build(config, name: str, objective):
   try:
     images, labels, skipped = load_labelled(sources.build_source(field("data")),
                                             int(field("size")), objective.image_size,
-                                            field("label_key", "label"))
+                                            field("label_key", "label"), f"{name}: images")
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   if labels.min() < 0 or labels.max() >= len(class_names):
