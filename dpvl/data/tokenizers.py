@@ -98,7 +98,11 @@ class WordPieceTokenizer(_Tokenizer):
   def __init__(self, vocab_file: str, max_len: int):
     super().__init__(max_len)
     if not vocab_file or not os.path.isfile(vocab_file):
-      raise config_lib.ConfigError(f"tokenizer.vocab_file={vocab_file!r} is not a readable file.")
+      raise config_lib.ConfigError(
+          f"tokenizer.vocab_file={vocab_file!r} is not a readable file. BERT-uncased's public "
+          "word pieces (30,522 lines) are the vocab.txt of bert-base-uncased: e.g. `wget -O "
+          "vocab/bert-base-uncased.txt https://huggingface.co/bert-base-uncased/resolve/main/"
+          "vocab.txt` (dpvl never downloads), or --config.tokenizer.vocab_file=PATH.")
     try:
       with open(vocab_file, encoding="utf-8") as f:
         pieces = [line.rstrip("\n") for line in f]

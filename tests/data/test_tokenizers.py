@@ -121,7 +121,8 @@ def _tokenizer(type_, vocab_file="", max_len=8):
 def test_tokenizer_fields(tmp_path, monkeypatch):
   with raises_config_error("tokenizer.max_len must be an integer >= 2, got 1"):
     _tokenizer("byte", max_len=1)
-  with raises_config_error("tokenizer.vocab_file='' is not a readable file"):
+  with raises_config_error("tokenizer.vocab_file='' is not a readable file. .* vocab.txt of "
+                           "bert-base-uncased"):  # and how to get it
     _tokenizer("wordpiece")
   (tmp_path / "latin1.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
   with raises_config_error("tokenizer.vocab_file=.*latin1.txt' cannot be read"):
