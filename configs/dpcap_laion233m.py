@@ -2,11 +2,14 @@
 
   python -m dpvl.main --config=configs/dpcap_laion233m.py --mode=account
   python -m dpvl.main --config=configs/dpcap_laion233m.py --mode=account \\
-      --config.privacy.noise_multiplier=0.728      # the paper's sigma: RDP 8.07, PLD 7.36
+      --config.privacy.noise_multiplier=0.728      # the paper's sigma
 
-Expected batch 1,310,720, C = 1, 5,708 steps, target epsilon 8 at delta = 1/N; AdamW
-(0.9, 0.95), weight decay 0.005, lr 5.12e-4, 2,000 warm-up steps, cosine; captions of 40
-BERT-uncased word pieces. The paper starts from a synthetic (non-private) warm start.
+The paper's run on N = 233,804,767 pairs: expected batch 1,310,720, C = 1, 5,708 steps, target
+epsilon 8 at delta = 1/N; AdamW (0.9, 0.95), weight decay 0.005 on all parameters, lr 5.12e-4,
+2,000 warm-up steps, then a cosine over a 10,000-step horizon stopped at step 5,708 (the
+learning rate ends at 0.56 of its peak, not 0); captions of 40 BERT-uncased word pieces
+(`config.tokenizer.vocab_file`: bert-base-uncased's public vocab.txt). The paper starts from a
+synthetic (non-private) warm start.
 """
 
 import ml_collections
@@ -30,7 +33,8 @@ def get_config():
                          microbatch_size=16_384)  # 128 per device on 128 devices
   c.mesh = common.mesh()
   c.privacy = common.privacy()
-  c.optimizer = common.optimizer(learning_rate=5.12e-4, warmup_steps=2_000)
+  c.optimizer = common.optimizer(learning_rate=5.12e-4, warmup_steps=2_000,
+                                 schedule_steps=10_000, decay="all")
 
   # The demo's probe: the last 2 blocks, on 32-pixel one-object scenes.
   c.evals = ml_collections.ConfigDict(dict(probe=evals.scene_probe("label", blocks=2)))

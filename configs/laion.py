@@ -2,7 +2,7 @@
 
 import ml_collections
 
-N = 233_000_000
+N = 233_804_767  # the LAION-2B-en subset of DP-Cap and ViP (Sander et al., 2024)
 
 
 def laion233m_data(crop: str = "center") -> ml_collections.ConfigDict:

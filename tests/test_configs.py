@@ -75,9 +75,39 @@ def test_paper_configs_plan(name):
   sigma, epsilon_key, want = PAPER[name]
   config = _module(name).get_config()
   config.privacy.noise_multiplier = sigma  # skips calibration (seconds per config)
+  if want is not None:  # the published accounting rows take N = 233M
+    delta_times_n = config.privacy.delta * config.data.size if config.privacy.delta else None
+    config.data.size = 233_000_000
+    if delta_times_n is not None:
+      config.privacy.delta = delta_times_n / config.data.size
   summary = plan_lib.build_plan(config).summary()
   assert summary["steps"] == config.steps
   assert summary["expected_batch_size"] == config.batch.expected_size
   if want is not None:
     assert summary[epsilon_key] == pytest.approx(want, abs=1e-3)
   assert 0 < summary["epsilon_planned"] <= config.privacy.target_epsilon
+
+
+def test_vip_recipe():
+  c = _module("vip_laion233m").get_config()
+  assert c.optimizer.learning_rate == pytest.approx(1.5e-5 * 98_304 / 256)  # blr 1.5e-5
+  assert c.optimizer.schedule == "warmup_min_cosine" and c.optimizer.warmup_steps == 1_000
+  assert c.optimizer.decay == "all" and c.optimizer.weight_decay == 0.005
+  assert c.model.norm_pix_loss is False and c.privacy.clip_norm == 0.1
+  assert c.privacy.delta == pytest.approx(1 / (2 * c.data.size))
+  assert c.data.size == 233_804_767
+
+
+def test_vip_official_command_variant():
+  c = _module("vip_laion233m").get_config("official")
+  assert (c.batch.expected_size, c.privacy.noise_multiplier, c.steps) == (81_920, 0.5, 10_000)
+  assert c.optimizer.learning_rate == pytest.approx(1.5e-5 * 81_920 / 256)
+  summary = plan_lib.build_plan(c).summary()
+  assert summary["epsilon_rdp"] == pytest.approx(6.99, abs=5e-3)  # at N = 233.8M
+
+
+def test_dpcap_recipe():
+  c = _module("dpcap_laion233m").get_config()
+  assert c.steps == 5_708 and c.optimizer.schedule_steps == 10_000  # stopped early
+  assert c.optimizer.decay == "all" and c.optimizer.warmup_steps == 2_000
+  assert c.data.size == 233_804_767

@@ -14,7 +14,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 def test_account_mode_reproduces_the_dpcap_row(cli):
   # JAX_PLATFORMS names a backend this machine lacks: any device use would fail the command.
   out = cli("--config=configs/dpcap_laion233m.py", "--mode=account",
-            "--config.privacy.noise_multiplier=0.728", env=dict(JAX_PLATFORMS="tpu"))
+            "--config.privacy.noise_multiplier=0.728", "--config.data.size=233000000",
+            env=dict(JAX_PLATFORMS="tpu"))  # the published row's N
   assert out.returncode == 0, out.stderr
   summary = json.loads(out.stdout)
   assert summary["steps"] == 5_708 and summary["expected_batch_size"] == 1_310_720

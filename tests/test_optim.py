@@ -41,3 +41,31 @@ def test_no_weight_decay_on_biases_and_norms():
   updates, _ = tx.update(zero, tx.init(params), params)
   assert float(jnp.abs(updates["bias"]).max()) == 0.0  # no gradient, no decay
   assert float(jnp.abs(updates["kernel"]).max()) > 0.0  # decayed towards zero
+
+
+def test_vip_schedule_is_the_minimum_of_the_warm_up_and_a_cosine_over_the_whole_horizon():
+  schedule = optim.SCHEDULES["warmup_min_cosine"](1.0, 1_000, 6_000)
+  rate = lambda t: float(schedule(t))
+  assert rate(0) == pytest.approx(1e-3) and rate(499) == pytest.approx(0.5)
+  assert rate(999) == pytest.approx(0.5 * (1 + np.cos(np.pi * 999 / 6_000)))  # below the ramp
+  assert rate(3_000) == pytest.approx(0.5, abs=1e-6) and rate(6_000) == pytest.approx(0.0)
+
+
+def test_a_schedule_over_a_longer_horizon_stops_early():
+  # DP-Cap: warm-up 2,000, cosine over 10,000 steps, stopped at 5,708: lr ends at ~0.56 peak.
+  s = optim.settings(_config(learning_rate=5.12e-4, warmup_steps=2_000, schedule_steps=10_000))
+  schedule = optim.SCHEDULES[s.schedule](s.learning_rate, s.warmup_steps, s.schedule_steps)
+  assert float(schedule(5_708)) / 5.12e-4 == pytest.approx(0.557, abs=1e-3)
+  with pytest.raises(config_lib.ConfigError, match="optimizer.schedule_steps"):
+    optim.settings(_config(schedule_steps=0))
+
+
+def test_weight_decay_on_all_parameters_when_asked():
+  params = dict(kernel=jnp.ones((2, 2)), bias=jnp.ones(2))
+  tx = optim.make_optimizer(optim.settings(_config(learning_rate=0.1, warmup_steps=0,
+                                                   schedule="constant", decay="all")), 10)
+  zero = dict(kernel=jnp.zeros((2, 2)), bias=jnp.zeros(2))
+  updates, _ = tx.update(zero, tx.init(params), params)
+  assert float(jnp.abs(updates["bias"]).min()) > 0.0
+  with pytest.raises(config_lib.ConfigError, match="optimizer.decay"):
+    optim.settings(_config(decay="some"))
