@@ -19,7 +19,6 @@ from configs import common
 from configs import evals
 from configs import laion
 
-
 # (expected batch, sigma, steps) of the paper's run and of the official command's.
 RUNS = {"": (98_304, None, 6_000), "official": (81_920, 0.5, 10_000)}
 
