@@ -64,6 +64,9 @@ class Training:
   init_from: str            # workdir of a non-private run to start from ("" for none)
   max_skip_fraction: float  # stop when far more records than this cannot be used
   data_workers: int         # processes decoding records (0: threads only)
+  # Log the metrics computed on the private data without noise (`private_data_diagnostics`);
+  # False for runs whose logs leave the trust boundary.
+  log_private_diagnostics: bool = True
 
 
 def training(config) -> Training:
@@ -72,7 +75,8 @@ def training(config) -> Training:
   t = Training(seed=field("seed"), log_every=field("log_every"),
                checkpoint_every=field("checkpoint_every"), init_from=field("init_from", "") or "",
                max_skip_fraction=float(field("data.max_skip_fraction", 0.05)),
-               data_workers=field("data.workers", 0))
+               data_workers=field("data.workers", 0),
+               log_private_diagnostics=field("log_private_diagnostics", True))
   check(isinstance(t.seed, int), f"config.seed must be an integer, got {t.seed!r}.")
   for name in ("log_every", "checkpoint_every"):
     value = getattr(t, name)
@@ -82,4 +86,6 @@ def training(config) -> Training:
         f"config.data.max_skip_fraction must be in [0, 1], got {t.max_skip_fraction}.")
   check(isinstance(t.data_workers, int) and t.data_workers >= 0,
         f"config.data.workers must be an integer >= 0, got {t.data_workers!r}.")
+  check(isinstance(t.log_private_diagnostics, bool), "config.log_private_diagnostics must be "
+        f"True or False, got {t.log_private_diagnostics!r}.")
   return t

@@ -75,7 +75,8 @@ def compile_step(config, devices=None) -> dict:
     """The compiled step, or the compiler's one line refusing a step that does not fit."""
     examples, mask = _abstract_batch(objective, plan, num_microbatches,
                                      mesh_lib.batch_sharding(mesh))
-    lowered = step.lower(abstract_state, examples, mask, key, key)
+    keys = (key, key) if plan.loss_estimate else (key,)  # noise (and loss noise) keys
+    lowered = step.lower(abstract_state, examples, mask, key, *keys)
     try:
       return lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler checks the device's memory

@@ -1,6 +1,11 @@
 """A run's metrics: one JSON object per line in `metrics.jsonl`, and the same numbers as
 TensorBoard scalars under `tensorboard/` (view them with `pip install -e ".[tensorboard]"`, then
-`tensorboard --logdir=WORKDIR/tensorboard`)."""
+`tensorboard --logdir=WORKDIR/tensorboard`).
+
+A training row holds its public and DP numbers at the top level (`step`, `epsilon`, timings,
+`dp_loss`) and what is computed on the private data without noise under
+`private_data_diagnostics` (`dpvl.train.metrics_row`); nested keys become TensorBoard tags
+joined with '/'."""
 
 import json
 import numbers
@@ -44,11 +49,12 @@ class MetricsWriter:
 
 
 def last_training_row(workdir: str) -> dict:
-  """The last training row (one with a `loss`) of `workdir`'s metrics.jsonl ({} if none): the
-  last step whose metrics were released."""
+  """The last training row (one with an `epsilon`, which every training row has and no
+  evaluation row) of `workdir`'s metrics.jsonl ({} if none): the last step whose metrics were
+  released."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  return next((r for r in reversed(rows) if "loss" in r), {})
+  return next((r for r in reversed(rows) if "epsilon" in r), {})

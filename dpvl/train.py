@@ -167,25 +167,40 @@ def make_train_step(gradient, optimizer, plan: plan_lib.PrivacyPlan, param_shard
     param_shardings: the parameters' shardings (the noise is drawn shard by shard), or None.
 
   Returns:
-    step(state, batch, mask, example_key, noise_key) -> (state, metrics), unjitted; batch and
-    mask are [num_microbatches, microbatch_size, ...], `noise_key` is this step's own noise key
-    (`secrets.RunSecrets.noise_key`), `example_key` the public key of per-example randomness
-    (e.g. MAE masks), folded with the step.
+    step(state, batch, mask, example_key, noise_key, loss_noise_key=None) -> (state, metrics),
+    unjitted; batch and mask are [num_microbatches, microbatch_size, ...], `noise_key` is this
+    step's own noise key (`secrets.RunSecrets.noise_key`), `example_key` the public key of
+    per-example randomness (e.g. MAE masks), folded with the step, and `loss_noise_key` the
+    step's key of the DP loss estimate (`secrets.RunSecrets.loss_noise_key`; only, and then
+    needed, when the plan releases it: `step_keys`).
   """
+  estimate = (dict(loss_bound=plan.loss_sensitivity, loss_noise_std=plan.loss_noise_std)
+              if plan.loss_estimate else {})
 
-  def step(state, batch, mask, example_key, noise_key):
+  def step(state, batch, mask, example_key, noise_key, loss_noise_key=None):
     t = state["step"]
     rngs = jax.random.split(jax.random.fold_in(example_key, t), mask.shape)
     grad, metrics = gradient(
         state["params"], batch, mask, rngs, noise_key,
         clip_norm=plan.clip_norm, noise_std=plan.noise_std,
         expected_batch_size=plan.expected_batch_size, enabled=plan.enabled,
-        shardings=param_shardings)
+        shardings=param_shardings,
+        **(dict(estimate, loss_noise_key=loss_noise_key) if estimate else {}))
     updates, opt_state = optimizer.update(grad, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     return dict(params=params, opt_state=opt_state, step=t + 1), metrics
 
   return step
+
+
+def step_keys(run_secrets: secrets_lib.RunSecrets, plan: plan_lib.PrivacyPlan, segment: int,
+              step: int) -> tuple:
+  """The secret keys of `step` in segment `segment`, as the train step takes them: its noise
+  key, and its loss noise key when the plan releases the DP loss estimate."""
+  keys = (run_secrets.noise_key(segment, step),)
+  if plan.loss_estimate:
+    keys += (run_secrets.loss_noise_key(segment, step),)
+  return keys
 
 
 def select_and_load(sampler: sampling.PoissonSampler, plan: plan_lib.PrivacyPlan,
@@ -266,31 +281,61 @@ def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib
 
 
 def metrics_row(step: int, step_metrics: list[dict], epsilon: float | None, *, seconds: float,
-                data_wait: float, truncated: int, skipped: dict, replayed: bool) -> dict:
+                data_wait: float, truncated: int, skipped: dict, replayed: bool,
+                private_diagnostics: bool = True) -> dict:
   """The metrics.jsonl row of a logged step.
+
+  `step`, `epsilon`, the timings, `replayed` and `dp_loss` (the DP loss estimate, when the plan
+  releases it) are top-level; what is computed on the private data without noise is grouped
+  under `private_data_diagnostics` (docs/privacy.md, "What a run releases").
 
   Args:
     step: the global step logged.
-    step_metrics: host copies of the metrics of the steps since the last row (the loss is
-      their mean, the other statistics the last step's).
+    step_metrics: host copies of the metrics of the steps since the last row (`loss` and
+      `dp_loss` are their means, the other statistics the last step's).
     epsilon: the epsilon spent up to `step` (None when not private).
     seconds: seconds since the run started, across resumes.
     data_wait: seconds the loop waited for batches.
     truncated: records dropped from over-full batches so far.
     skipped: records skipped so far, by reason.
     replayed: whether `step` was released before a resume (the row is then marked).
+    private_diagnostics: False leaves out `private_data_diagnostics`
+      (`config.log_private_diagnostics`).
 
   Returns:
     The row.
   """
   last = step_metrics[-1]
-  row = dict(step=step, loss=float(np.mean([m["loss"] for m in step_metrics])), epsilon=epsilon,
-             examples=int(last["examples"]), seconds=round(seconds, 3),
-             data_wait_seconds=round(data_wait, 3), truncated=truncated, skipped=dict(skipped),
-             **{k: float(last[k]) for k in ("clipped_fraction", "grad_norm_mean") if k in last})
+  row = dict(step=step, epsilon=epsilon, seconds=round(seconds, 3),
+             data_wait_seconds=round(data_wait, 3))
   if replayed:
     row["replayed"] = True  # its step was released before the resume
+  if "dp_loss" in last:
+    row["dp_loss"] = float(np.mean([m["dp_loss"] for m in step_metrics]))
+  if private_diagnostics:
+    row["private_data_diagnostics"] = dict(
+        loss=float(np.mean([m["loss"] for m in step_metrics])), examples=int(last["examples"]),
+        nonfinite=int(last["nonfinite"]),
+        **{k: float(last[k]) for k in ("clipped_fraction", "grad_norm_mean") if k in last},
+        truncated=truncated, skipped=dict(skipped))
   return row
+
+
+def step_line(row: dict, total_steps: int, epsilon: float, per_step: float) -> str:
+  """The console line of a metrics row: `dp_loss` and epsilon, and the private diagnostics'
+  loss and batch size only when the row holds them."""
+  diagnostics = row.get("private_data_diagnostics")
+  parts = [f"step {row['step']:>6}/{total_steps}"]
+  if diagnostics is not None:
+    parts.append(f"loss {diagnostics['loss']:.4f}")
+  if "dp_loss" in row:
+    parts.append(f"dp_loss {row['dp_loss']:.4f}")
+  parts.append(f"epsilon {epsilon:.4g}")
+  if diagnostics is not None:
+    parts.append(f"examples {diagnostics['examples']}")
+  parts += [f"{row['seconds']:.1f}s", f"{per_step:.3g} s/step",
+            f"ETA {_duration(per_step * (total_steps - row['step']))}"]
+  return "  ".join(parts)
 
 
 def final_status(final: int, plan: plan_lib.PrivacyPlan, signal_name: str | None, log) -> str:
@@ -469,7 +514,11 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
   # --- Evals and metrics. -------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir, enabled=hosts.is_primary())
   log(f"{'private' if plan.enabled else 'NON-PRIVATE'} run: N={plan.dataset_size} "
-      f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} C={plan.clip_norm} "
+      f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} "
+      + (f"sigma_loss={plan.loss_noise_multiplier:.4g} "
+         f"loss_sensitivity={plan.loss_sensitivity:.4g} "
+         f"sigma_eff={plan.effective_noise_multiplier:.4g} " if plan.loss_estimate else "")
+      + f"C={plan.clip_norm} "
       f"mechanism={plan.mechanism.name} sensitivity={plan.sensitivity:.4g} "
       f"steps={plan.steps} capacity={plan.capacity} "
       f"({plan.num_microbatches}x{plan.microbatch_size}) target epsilon={plan.target_epsilon} "
@@ -503,7 +552,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
     state, metrics = train_step(
         state, mesh_lib.global_batch(batch_sharding, batch.examples),
         mesh_lib.global_batch(batch_sharding, batch.mask), example_key,
-        opening.secrets.noise_key(segment, step))
+        *step_keys(opening.secrets, plan, segment, step))
     step_metrics.append(metrics)
     done = step + 1
     ledger.advance(done)
@@ -516,13 +565,12 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
       row = metrics_row(done, jax.device_get(step_metrics), entry["epsilon_spent"],
                         seconds=time.time() - t0, data_wait=stream.wait_seconds,
                         truncated=truncated, skipped=skips.totals,
-                        replayed=done <= released.get("step", 0))
+                        replayed=done <= released.get("step", 0),
+                        private_diagnostics=training.log_private_diagnostics)
       step_metrics = []
       writer.write(row)
       per_step = (time.time() - t_start) / (done - start)
-      log(f"step {done:>6}/{plan.steps}  loss {row['loss']:.4f}  "
-          f"epsilon {ledger.epsilon():.4g}  examples {row['examples']}  {row['seconds']:.1f}s  "
-          f"{per_step:.3g} s/step  ETA {_duration(per_step * (plan.steps - done))}")
+      log(step_line(row, plan.steps, ledger.epsilon(), per_step))
     after_step(done)
     if done % training.checkpoint_every == 0 and done != plan.steps:
       save(ckpt, ledger, state, opening.secrets, done, "running", wait=False)
@@ -538,7 +586,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
   if start < final and status != "interrupted":
     run_evals(evaluators, state["params"], final, plan.steps, writer, log)  # never costs work
   writer.close()
-  if skips.totals:
+  if skips.totals and training.log_private_diagnostics:
     log(f"skipped records: {dict(skips.totals)}")
   log(f"done: {final} steps, epsilon {ledger.epsilon():.4g} at delta {plan.delta:.3g} "
       f"({plan.accountant}); ledger {ledger.path}")

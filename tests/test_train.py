@@ -12,6 +12,7 @@ from dpvl import checkpoint as checkpoint_lib
 from dpvl import config as config_lib
 from dpvl import train
 from dpvl.evaluate import checkpoint as eval_checkpoint
+from dpvl.privacy import accounting
 from dpvl.privacy import ledger as ledger_lib
 from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import secrets as secrets_lib
@@ -30,9 +31,17 @@ def _final_params(workdir):
   return state["params"], meta
 
 
-def test_run_writes_ledger_metrics_config_and_checkpoint(tmp_path, dpcap_config):
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, dpcap_config):
+  """(workdir, final ledger entry) of the small DP-Cap config's run, shared by the tests that
+  only read it."""
+  workdir = tmp_path_factory.mktemp("default_run")
+  return workdir, train.run(dpcap_config(), str(workdir), log=lambda *_: None)
+
+
+def test_run_writes_ledger_metrics_config_and_checkpoint(default_run, dpcap_config):
+  tmp_path, entry = default_run
   config = dpcap_config()
-  entry = train.run(config, str(tmp_path), log=lambda *_: None)
   ledger = json.load(open(tmp_path / "privacy.json"))
   assert ledger["steps_done"] == 6 and ledger["status"] == "completed"
   plan = plan_lib.build_plan(config)
@@ -46,8 +55,12 @@ def test_run_writes_ledger_metrics_config_and_checkpoint(tmp_path, dpcap_config)
   rows = _read_jsonl(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in rows] == [2, 4, 6]
   for r in rows:
-    assert {"step", "loss", "epsilon", "examples", "seconds"} <= set(r)
-    assert np.isfinite(r["loss"]) and r["examples"] > 0
+    assert list(r) == ["step", "epsilon", "seconds", "data_wait_seconds",
+                       "private_data_diagnostics"]  # no dp_loss: the estimate is off
+    diagnostics = r["private_data_diagnostics"]
+    assert set(diagnostics) == {"loss", "examples", "nonfinite", "clipped_fraction",
+                                "grad_norm_mean", "truncated", "skipped"}
+    assert np.isfinite(diagnostics["loss"]) and diagnostics["examples"] > 0
   assert all(a["epsilon"] < b["epsilon"] for a, b in zip(rows, rows[1:]))
   assert json.load(open(tmp_path / "config.json"))["objective"] == "dpcap"
   _, meta = _final_params(str(tmp_path))
@@ -56,6 +69,37 @@ def test_run_writes_ledger_metrics_config_and_checkpoint(tmp_path, dpcap_config)
   # The test seed is a secret: config.json and privacy.json do not hold it.
   assert json.load(open(tmp_path / "config.json"))["privacy"]["seed"] is None
   assert ledger["secrets"] == "config.privacy.seed"
+
+
+def test_without_private_diagnostics_only_dp_outputs_are_logged(tmp_path, default_run,
+                                                                  dpcap_config):
+  estimate = dict(enabled=True, bound=10.0, noise_ratio=3.0)
+  config = dpcap_config(loss_estimate=estimate)
+  config.log_private_diagnostics = False
+  logs = []
+  entry = train.run(config, str(tmp_path / "dp"), log=logs.append)
+  rows = _read_jsonl(tmp_path / "dp" / "metrics.jsonl")
+  assert [list(r) for r in rows] == 3 * [["step", "epsilon", "seconds", "data_wait_seconds",
+                                          "dp_loss"]]
+  assert all(np.isfinite(r["dp_loss"]) for r in rows)
+  steps = [line for line in logs if line.startswith("step")]
+  assert len(steps) == 3
+  for line, row in zip(steps, rows):  # only public and DP numbers: step, dp_loss, epsilon, time
+    words = line.split()
+    assert words[:2] == ["step", f"{row['step']}/6"] and words[2:4] == ["dp_loss", words[3]]
+    assert words[4] == "epsilon" and words[6].endswith("s") and "examples" not in words
+  start = next(line for line in logs if line.startswith("private run"))
+  sigma_eff = accounting.combined_noise_multiplier(1.0, 3.0)
+  assert f"sigma=1 sigma_loss=3 loss_sensitivity=10 sigma_eff={sigma_eff:.4g}" in start
+  # The ledger accounts both releases at sigma_eff.
+  assert [s["noise_multiplier"] for s in entry["segments"]] == [sigma_eff]
+  plan = plan_lib.build_plan(dpcap_config())
+  assert entry["epsilon_spent"] == pytest.approx(accounting.epsilon(
+      "pld", [plan.segment(6).replace(noise_multiplier=sigma_eff)], plan.delta))
+
+  # The gradient's noise is that of the run without the estimate: the same parameters.
+  jax.tree.map(np.testing.assert_array_equal, _final_params(str(tmp_path / "dp"))[0],
+               _final_params(str(default_run[0]))[0])
 
 
 class _Interrupt(Exception):
@@ -120,7 +164,7 @@ def test_non_private_baseline_runs_through_the_same_step(tmp_path, dpcap_config)
   entry = train.run(dpcap_config(enabled=False), str(tmp_path), log=lambda *_: None)
   assert entry["private"] is False and entry["epsilon_spent"] is None
   rows = _read_jsonl(tmp_path / "metrics.jsonl")
-  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert all(np.isfinite(r["private_data_diagnostics"]["loss"]) for r in rows)
 
 
 def test_demo_loss_falls(tmp_path, dpcap_config):
@@ -132,7 +176,7 @@ def test_demo_loss_falls(tmp_path, dpcap_config):
   config.optimizer.learning_rate = 3e-3
   train.run(config, str(tmp_path), log=lambda *_: None)
   rows = _read_jsonl(tmp_path / "metrics.jsonl")
-  first, last = rows[0]["loss"], rows[-1]["loss"]
+  first, last = (r["private_data_diagnostics"]["loss"] for r in (rows[0], rows[-1]))
   assert last < 0.7 * first, (first, last)
 
 

@@ -18,6 +18,14 @@ the configured delta for what actually runs. The plan sizes the capacity so that
 negligible (at most `truncation_tolerance * delta / (1 + e^eps)`), where this costs nothing
 visible. (dp-accounting's `TruncatedSubsampledGaussianDpEvent` accounts M' exactly, but is
 orders of magnitude slower at these sizes.)
+
+A step that also releases the DP loss estimate (`config.privacy.loss_estimate`) runs two
+Gaussian mechanisms on the same Poisson sample: the gradient sum (sensitivity Delta, noise std
+sigma Delta) and the clipped loss sum (sensitivity B, noise std sigma_l B). Scaled by their
+noise stds, the pair is one Gaussian mechanism with unit noise whose L2 sensitivity is at most
+sqrt(sigma^-2 + sigma_l^-2): the step is accounted as one subsampled Gaussian with noise
+multiplier sigma_eff = (sigma^-2 + sigma_l^-2)^-1/2 (`combined_noise_multiplier`), the
+multiplier every segment of such a run carries.
 """
 
 import dataclasses
@@ -111,13 +119,26 @@ def min_capacity(dataset_size: int, sampling_rate: float, steps: int,
   return hi * groups
 
 
+def combined_noise_multiplier(*noise_multipliers: float) -> float:
+  """(sum_i sigma_i^-2)^-1/2: the noise multiplier of Gaussian mechanisms released together on
+  the same data, each with noise std sigma_i times its own sensitivity (module docstring).
+
+  >>> round(combined_noise_multiplier(1.0, 10.0), 6)  # the gradient, and the loss at ratio 10
+  0.995037
+  """
+  return sum(s ** -2.0 for s in noise_multipliers) ** -0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
   """`steps` DP-SGD steps run with one set of privacy parameters.
 
   A run is a list of segments: one, unless a resume was forced to change the plan.
-  `capacity=None` means untruncated Poisson sampling; `groups` > 1 splits the capacity into
-  hash-group blocks (see `truncation_probability`).
+  `noise_multiplier` is the one the accountant uses: the effective noise multiplier of
+  everything a step releases (the gradient's, combined with the loss estimate's when a run
+  releases one: `combined_noise_multiplier`). `capacity=None` means untruncated Poisson
+  sampling; `groups` > 1 splits the capacity into hash-group blocks (see
+  `truncation_probability`).
   """
 
   dataset_size: int

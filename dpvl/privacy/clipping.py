@@ -11,6 +11,10 @@ ghost clipping (`dpvl.privacy.ghost`); `STRATEGIES` names both (`config.privacy.
 `grad_sum` is the non-private counterpart (no per-example gradients, no clipping) with the same
 inputs and outputs, for baselines.
 
+With a `loss_bound` B, the private strategies also return `clipped_loss_sum`: the sum over the
+kept examples (valid, finite gradient and loss) of their loss clipped to [0, B], the sum the DP
+loss estimate releases with noise (`dpvl.privacy.dpsgd.noisy_mean`).
+
 A loss function here is `loss_fn(params, example, rng) -> scalar` on one example (no batch axis).
 Batches are pytrees with leading axes [num_microbatches, microbatch_size, ...]; `mask` and `rngs`
 have the same two leading axes.
@@ -77,11 +81,21 @@ def clip_factors(norms: jax.Array, mask: jax.Array, clip_norm: float):
   return factors, keep, stats
 
 
-def _with_loss_sum(stats: dict, losses: jax.Array) -> dict:
+def clipped_losses(losses: jax.Array, ok: jax.Array, loss_bound: float) -> jax.Array:
+  """The losses clipped to [0, `loss_bound`] in float32 where `ok`, exactly zero elsewhere (a
+  NaN loss never reaches the sum)."""
+  return jnp.where(ok, jnp.clip(losses.astype(jnp.float32), 0.0, loss_bound), 0.0)
+
+
+def _with_loss_sum(stats: dict, losses: jax.Array, loss_bound: float | None = None) -> dict:
   """`clip_factors`' stats with `kept` replaced by `loss_sum`: the sum of the kept, finite
-  losses."""
+  losses; and with a `loss_bound`, `clipped_loss_sum`: the sum of those losses clipped to
+  [0, loss_bound]."""
   ok = stats.pop("kept") & jnp.isfinite(losses)
-  return dict(stats, loss_sum=jnp.sum(jnp.where(ok, losses, 0.0)))
+  stats = dict(stats, loss_sum=jnp.sum(jnp.where(ok, losses, 0.0)))
+  if loss_bound is not None:
+    stats["clipped_loss_sum"] = jnp.sum(clipped_losses(losses, ok, loss_bound))
+  return stats
 
 
 def zeros_f32(params):
@@ -89,10 +103,11 @@ def zeros_f32(params):
   return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
 
-def scan_microbatches(micro_fn, params, batch, mask, rngs):
+def scan_microbatches(micro_fn, params, batch, mask, rngs, clipped_loss: bool = False):
   """Sums `micro_fn(params, micro, mask, rngs) -> (grad_sum, stats)` over the leading axis.
 
-  `stats` has `loss_sum` and `nonfinite` (summed) and `norms` (stacked per micro-batch).
+  `stats` has `loss_sum` and `nonfinite` (summed), `norms` (stacked per micro-batch) and, when
+  `clipped_loss`, `clipped_loss_sum` (summed).
 
   Args:
     micro_fn: (params, micro-batch, mask [microbatch_size], rngs [microbatch_size]) ->
@@ -101,25 +116,30 @@ def scan_microbatches(micro_fn, params, batch, mask, rngs):
     batch: a pytree, leaves [num_microbatches, microbatch_size, ...].
     mask: bool [num_microbatches, microbatch_size]; False for padding.
     rngs: per-example PRNG keys, leading axes [num_microbatches, microbatch_size].
+    clipped_loss: also sum the micro-batches' `clipped_loss_sum`.
 
   Returns:
     (gradient sum, float32, shaped like `params`; {`loss_sum`: float32 scalar, `nonfinite`:
-    int32 scalar, `norms`: float32 [num_microbatches, microbatch_size]}).
+    int32 scalar, `norms`: float32 [num_microbatches, microbatch_size], and when
+    `clipped_loss`, `clipped_loss_sum`: float32 scalar}).
   """
+  summed = ("loss_sum", "nonfinite") + (("clipped_loss_sum",) if clipped_loss else ())
 
   def body(acc, xs):
     micro, m, r = xs
     g, stats = micro_fn(params, micro, m, r)
-    acc_g, acc_loss, acc_nonfinite = acc
+    acc_g, *sums = acc
     acc_g = jax.tree.map(jnp.add, acc_g, g)
-    return (acc_g, acc_loss + stats["loss_sum"], acc_nonfinite + stats["nonfinite"]), stats["norms"]
+    return (acc_g, *(s + stats[k] for s, k in zip(sums, summed))), stats["norms"]
 
-  init = (zeros_f32(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-  (g, loss_sum, nonfinite), norms = jax.lax.scan(body, init, (batch, mask, rngs))
-  return g, dict(loss_sum=loss_sum, nonfinite=nonfinite, norms=norms)
+  init = (zeros_f32(params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+          *(jnp.zeros((), jnp.float32) for _ in summed[2:]))
+  (g, *sums), norms = jax.lax.scan(body, init, (batch, mask, rngs))
+  return g, dict(zip(summed, sums), norms=norms)
 
 
-def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: float):
+def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: float,
+                     loss_bound: float | None = None):
   """Sum of per-example gradients clipped to `clip_norm`, over all micro-batches.
 
   Args:
@@ -129,11 +149,13 @@ def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: floa
     mask: bool [num_microbatches, microbatch_size]; False for padding.
     rngs: per-example PRNG keys, leading axes [num_microbatches, microbatch_size].
     clip_norm: C, the L2 norm each example's gradient is clipped to.
+    loss_bound: None, or the bound B of the losses summed into `clipped_loss_sum`.
 
   Returns:
     (grad_sum in float32, shaped like `params`, stats) with stats: `loss_sum` (sum of valid,
     finite losses), `nonfinite` (valid examples dropped), `norms` ([num_micro, micro] unclipped
-    norms, 0 on padding).
+    norms, 0 on padding) and, with a `loss_bound`, `clipped_loss_sum` (the kept examples'
+    losses clipped to [0, B], summed).
   """
   value_and_grad = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0, 0),
                             spmd_axis_name=mesh_lib.BATCH_AXES)  # examples: split over them
@@ -141,12 +163,14 @@ def clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: floa
   def micro_fn(params, micro, m, r):
     losses, grads = value_and_grad(params, micro, r)
     clipped, stats = clip(grads, m, clip_norm)
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped), _with_loss_sum(stats, losses)
+    return (jax.tree.map(lambda x: jnp.sum(x, axis=0), clipped),
+            _with_loss_sum(stats, losses, loss_bound))
 
-  return scan_microbatches(micro_fn, params, batch, mask, rngs)
+  return scan_microbatches(micro_fn, params, batch, mask, rngs, loss_bound is not None)
 
 
-def ghost_clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: float):
+def ghost_clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm: float,
+                           loss_bound: float | None = None):
   """`clipped_grad_sum` by book-keeping ghost clipping: the same inputs and outputs (to float
   rounding), from one forward and one backward pass per micro-batch (`dpvl.privacy.ghost`)."""
   plan = ghost.discover(loss_fn, params, *ghost.one_unit((batch, rngs)))
@@ -155,9 +179,10 @@ def ghost_clipped_grad_sum(loss_fn: LossFn, params, batch, mask, rngs, clip_norm
     losses, parts = ghost.backward(plan, loss_fn, params, micro, r)
     norms = jnp.sqrt(ghost.squared_norms(plan, parts))
     factors, keep, stats = clip_factors(norms, m, clip_norm)
-    return ghost.clipped_sum(plan, params, parts, keep, factors), _with_loss_sum(stats, losses)
+    return (ghost.clipped_sum(plan, params, parts, keep, factors),
+            _with_loss_sum(stats, losses, loss_bound))
 
-  return scan_microbatches(micro_fn, params, batch, mask, rngs)
+  return scan_microbatches(micro_fn, params, batch, mask, rngs, loss_bound is not None)
 
 
 STRATEGIES = {"vmap": clipped_grad_sum, "ghost": ghost_clipped_grad_sum}

@@ -228,17 +228,22 @@ def group_unit_loss(model: DualEncoder, params, unit, rng=None):
   return _group_losses(model, params, _placeholder(mask, group), mask)[0]
 
 
-def _group_stats(ok, loss_sum, norm, mask) -> dict:
+def _group_stats(ok, loss_sum, norm, mask, loss_bound: float | None = None) -> dict:
   """A group's stats for `clipping.scan_microbatches`: its loss and norm if kept (`ok`), else
-  zeros and every record of the group counted in `nonfinite`."""
-  return dict(loss_sum=jnp.where(ok, loss_sum, 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(mask)),
-              norms=jnp.where(ok, norm, 0.0))
+  zeros and every record of the group counted in `nonfinite`; with a `loss_bound`, also its
+  loss clipped to [0, loss_bound] (`clipped_loss_sum`, zero if not kept)."""
+  stats = dict(loss_sum=jnp.where(ok, loss_sum, 0.0), nonfinite=jnp.where(ok, 0, jnp.sum(mask)),
+               norms=jnp.where(ok, norm, 0.0))
+  if loss_bound is not None:
+    stats["clipped_loss_sum"] = clipping.clipped_losses(loss_sum, ok, loss_bound)
+  return stats
 
 
 def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                        clip_norm: float, noise_std: float, expected_batch_size: int,
                        enabled: bool = True, shardings=None, clipping_strategy: str = "vmap",
-                       **_):
+                       loss_bound: float | None = None, loss_noise_std: float = 0.0,
+                       loss_noise_key=None, **_):
   """Per-batch clipping: micro-batch g of `batch` [groups, capacity, ...] is group g.
 
   Padding is embedded as the zero placeholder. A group whose loss or gradient is not finite (a
@@ -262,6 +267,11 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     clipping_strategy: "vmap" (the group's gradient, then its norm) or "ghost" (book-keeping
       with the group as the unit: its norm and clipped gradient from the layers' inputs and
       output gradients); the same clipped sum either way.
+    loss_bound: None (no loss estimate), or B: each group's summed loss is clipped to [0, B]
+      (the group is the unit: adding or removing a record moves one group's clipped loss, by at
+      most B).
+    loss_noise_std: sigma_l * B, the loss estimate's noise std.
+    loss_noise_key: this step's loss noise key (`secrets.RunSecrets.loss_noise_key`).
 
   Returns:
     (gradient estimate shaped like `params`, metrics of `dpsgd.noisy_mean`); there,
@@ -278,7 +288,7 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     clipped, stats = clipping.clip(as_one, jnp.all(jnp.isfinite(losses))[None],
                                    clip_norm if enabled else jnp.inf)
     return jax.tree.map(lambda x: x[0], clipped), _group_stats(
-        stats["kept"][0], jnp.sum(losses), stats["norms"][0], m)
+        stats["kept"][0], jnp.sum(losses), stats["norms"][0], m, loss_bound)
 
   unit_loss = functools.partial(group_unit_loss, model)
 
@@ -291,20 +301,24 @@ def per_batch_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key,
     norm = jnp.sqrt(ghost.squared_norms(plan, parts))
     factor, keep, _ = clipping.clip_factors(norm, jnp.isfinite(loss), clip_norm)
     return ghost.clipped_sum(plan, p, parts, keep, factor), _group_stats(
-        keep[0], loss[0], norm[0], m)
+        keep[0], loss[0], norm[0], m, loss_bound)
 
   micro_fn = clipped_group
   if enabled and clipping_strategy == "ghost":
     plan = ghost.discover(unit_loss, params, ghost.one_unit((batch, mask), axes=1), None)
     micro_fn = ghost_group
-  total, stats = clipping.scan_microbatches(micro_fn, params, batch, mask, rngs)
+  if (loss_bound is None) != (loss_noise_key is None):
+    raise ValueError("the DP loss estimate needs both a loss bound and a loss noise key.")
+  total, stats = clipping.scan_microbatches(micro_fn, params, batch, mask, rngs,
+                                            loss_bound is not None)
   nonempty = jnp.any(mask, axis=1)
   groups = jnp.maximum(jnp.sum(nonempty), 1)
   stats["clipped_fraction"] = jnp.sum(nonempty & (stats["norms"] > clip_norm)) / groups
   stats["grad_norm_mean"] = jnp.sum(stats["norms"]) / groups
   return dpsgd.noisy_mean(total, stats, mask, noise_key, noise_std=noise_std,
                           expected_batch_size=expected_batch_size, enabled=enabled,
-                          shardings=shardings)
+                          shardings=shardings, loss_noise_std=loss_noise_std,
+                          loss_noise_key=loss_noise_key)
 
 
 def _gram(embed, params, example):
@@ -421,7 +435,7 @@ def pairwise_cotangents(u, v, gram_u, gram_v, valid, *, temperature: float, clip
 def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, *,
                       clip_norm: float, noise_std: float, expected_batch_size: int,
                       enabled: bool = True, pair_norm_method: str = "exact", shardings=None,
-                      **_):
+                      loss_bound: float | None = None, **_):
   """Logit-DP over the whole logical batch [num_micro, micro, ...], in two passes.
 
   Pass 1 embeds every example (and, when private, forms its Gram matrices); the pairwise
@@ -450,11 +464,15 @@ def logit_dp_gradient(model: DualEncoder, params, batch, mask, rngs, noise_key, 
     pair_norm_method: "exact" (keeps the Gram matrices, O(n d^2) memory) or "bound" (keeps only
       their largest eigenvalues, O(n)).
     shardings: the parameters' shardings (`dpsgd.noisy_mean`), or None.
+    loss_bound: must be None: a pair's loss depends on every pair of the batch, so no clipped
+      loss of a unit bounds one record's influence (the plan refuses the DP loss estimate).
 
   Returns:
     (gradient estimate shaped like `params`, metrics of `dpsgd.noisy_mean`); there,
     `clipped_fraction` and `grad_norm_mean` are over the valid pairs.
   """
+  if loss_bound is not None:
+    raise ValueError("logit_dp has no DP loss estimate: its pair losses couple the batch.")
   del rngs
   pi, pt = params["image"], params["text"]
 

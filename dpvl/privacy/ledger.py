@@ -40,7 +40,8 @@ from dpvl.privacy import plan as plan_lib
 from dpvl.privacy import secrets as secrets_lib
 
 # Config fields that do not change what a step computes: changing them keeps a segment going.
-OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "evals", "data.workers", "privacy.seed")
+OPERATIONAL_FIELDS = ("log_every", "checkpoint_every", "evals", "data.workers", "privacy.seed",
+                      "log_private_diagnostics")
 # Ledger fields fixed when a run starts, kept as they are on resume.
 HEADER_FIELDS = ("run_id", "secrets", "data", "init_from", "earlier_runs")
 

@@ -6,7 +6,9 @@ A mechanism owns
   * its private gradient: clip, sum, noise once, normalise (`gradient`);
   * its declared L2 sensitivity under adding or removing one record (`sensitivity`), which
     scales the noise: std sigma * Delta, so the accountant's sigma means what it means for
-    DP-SGD.
+    DP-SGD;
+  * for the DP loss estimate, the bound each unit's loss is clipped to, which is also the
+    clipped loss sum's sensitivity (`loss_sensitivity`).
 
 `PerExample` is DP-SGD on a per-example loss (Delta = C). `PerBatch` and `LogitDP` are for the
 batch-coupled contrastive loss of a dual encoder; their bounds are derived in
@@ -78,6 +80,16 @@ class Mechanism:
     """Delta: the L2 norm by which one record can move the summed gradient."""
     raise NotImplementedError
 
+  def loss_sensitivity(self, bound: float, expected_batch_size: int) -> float:
+    """The bound each unit's loss is clipped to for the DP loss estimate: by how much one record
+    can move the clipped loss sum. `bound` is per record; ConfigError if there is none.
+
+    Args:
+      bound: `config.privacy.loss_estimate.bound`, the largest loss of one record counted.
+      expected_batch_size: q * N.
+    """
+    raise NotImplementedError
+
   def gradient(self, objective) -> GradientFn:
     """The private gradient for `objective`; ConfigError if it lacks what this mechanism takes."""
     part = getattr(objective, self.takes, None)
@@ -114,6 +126,11 @@ class PerExample(Mechanism):
   def sensitivity(self, clip_norm: float, capacity: int) -> float:
     del capacity
     return clip_norm
+
+  def loss_sensitivity(self, bound: float, expected_batch_size: int) -> float:
+    """An example's loss clipped to [0, bound]: one record moves the sum by at most bound."""
+    del expected_batch_size
+    return bound
 
   def _gradient(self, per_example_loss) -> GradientFn:
     return functools.partial(dpsgd.private_gradient, per_example_loss,
@@ -184,6 +201,11 @@ class PerBatch(_Contrastive):
     del capacity
     return contrastive.per_batch_sensitivity(clip_norm)
 
+  def loss_sensitivity(self, bound: float, expected_batch_size: int) -> float:
+    """A group's summed loss clipped to [0, bound x the expected group size]: a record moves
+    one group's clipped loss (a scalar in that range) by at most that much."""
+    return bound * expected_batch_size / self.num_groups
+
   def _gradient(self, dual_encoder) -> GradientFn:
     return functools.partial(contrastive.per_batch_gradient, dual_encoder,
                              clipping_strategy=self.clipping)
@@ -211,6 +233,13 @@ class LogitDP(_Contrastive):
 
   def sensitivity(self, clip_norm: float, capacity: int) -> float:
     return contrastive.logit_dp_sensitivity(clip_norm, self.temperature, capacity)
+
+  def loss_sensitivity(self, bound: float, expected_batch_size: int) -> float:
+    """None: a pair's loss depends on every pair of the batch (one record moves them all)."""
+    raise config_lib.ConfigError(
+        "config.privacy.loss_estimate.enabled=True is not supported with "
+        "config.privacy.mechanism='logit_dp': each pair's loss depends on the whole batch, so "
+        "no clipped unit loss bounds one record's influence; use 'per_batch' or disable it.")
 
   def _gradient(self, dual_encoder) -> GradientFn:
     return functools.partial(contrastive.logit_dp_gradient, dual_encoder,

@@ -3,6 +3,11 @@
 `build_plan(config)` reads and checks the config (no data, no device), calibrates the noise
 multiplier when only a target epsilon is given, sizes the padded batch so that truncation of a
 Poisson batch is negligible, and reports epsilon by both accountants.
+
+With the DP loss estimate on (`config.privacy.loss_estimate`), every step releases a second
+Gaussian mechanism, with noise multiplier sigma_l = noise_ratio * sigma; every segment is
+accounted with the effective multiplier sigma_eff = (sigma^-2 + sigma_l^-2)^-1/2, and a target
+epsilon is met by calibrating sigma_eff, then sigma = sigma_eff sqrt(1 + 1 / noise_ratio^2).
 """
 
 import dataclasses
@@ -25,7 +30,9 @@ class PrivacyPlan:
   larger than that is truncated to a uniformly random subset of `capacity` records, which the
   accountants account for (see `accounting`). `mechanism` is what is clipped
   (`dpvl.privacy.mechanism`); its declared L2 `sensitivity` under adding or removing one record
-  scales the noise: std sigma * Delta.
+  scales the noise: std sigma * Delta. With the DP loss estimate, `loss_noise_multiplier`
+  (sigma_l) and `loss_bound` (per record) are set, and the accountant sees
+  `effective_noise_multiplier`.
   """
 
   enabled: bool
@@ -48,6 +55,9 @@ class PrivacyPlan:
   # released by earlier segments (`dpvl.privacy.ledger`), each under its own parameters.
   done: tuple[accounting.Segment, ...] = ()
   start: int = 0
+  # The DP loss estimate (`config.privacy.loss_estimate`): None when the run releases none.
+  loss_bound: float | None = None             # B_L, the largest loss of one record counted
+  loss_noise_multiplier: float | None = None  # sigma_l = noise_ratio * sigma
 
   @property
   def sampling_rate(self) -> float:
@@ -66,10 +76,37 @@ class PrivacyPlan:
     """Std of the Gaussian noise added to the clipped sum."""
     return self.noise_multiplier * self.sensitivity if self.enabled else 0.0
 
+  @property
+  def loss_estimate(self) -> bool:
+    """Whether each step also releases the DP loss estimate."""
+    return self.loss_noise_multiplier is not None
+
+  @property
+  def loss_sensitivity(self) -> float | None:
+    """The bound each unit's loss is clipped to (per example: `loss_bound`; per-batch group:
+    `loss_bound` x the expected group size), the clipped loss sum's sensitivity."""
+    if not self.loss_estimate:
+      return None
+    return self.mechanism.loss_sensitivity(self.loss_bound, self.expected_batch_size)
+
+  @property
+  def loss_noise_std(self) -> float:
+    """Std of the Gaussian noise added to the clipped loss sum (0 without the estimate)."""
+    return self.loss_noise_multiplier * self.loss_sensitivity if self.loss_estimate else 0.0
+
+  @property
+  def effective_noise_multiplier(self) -> float:
+    """The noise multiplier of everything a step releases, the one the accountant uses: sigma,
+    or (sigma^-2 + sigma_l^-2)^-1/2 with the loss estimate."""
+    if not self.loss_estimate:
+      return self.noise_multiplier
+    return accounting.combined_noise_multiplier(self.noise_multiplier,
+                                                self.loss_noise_multiplier)
+
   def segment(self, steps: int) -> accounting.Segment:
-    """`steps` steps under this plan."""
-    return accounting.Segment(self.dataset_size, self.sampling_rate, self.noise_multiplier,
-                              steps, self.capacity, self.groups)
+    """`steps` steps under this plan, at its effective noise multiplier."""
+    return accounting.Segment(self.dataset_size, self.sampling_rate,
+                              self.effective_noise_multiplier, steps, self.capacity, self.groups)
 
   def segments(self, step: int) -> list[accounting.Segment]:
     """The run's segments once `step` global steps are done."""
@@ -82,13 +119,17 @@ class PrivacyPlan:
     return accounting.epsilon(accountant or self.accountant, self.segments(step), self.delta)
 
   def fingerprint(self) -> dict:
-    """The fields a resumed run must keep for the ledger to stay valid."""
+    """The fields a resumed run must keep for the ledger to stay valid (the loss estimate's
+    only when it is on: a run from before it existed resumes as it was)."""
     return dict(enabled=self.enabled, dataset_size=self.dataset_size,
                 expected_batch_size=self.expected_batch_size, clip_norm=self.clip_norm,
                 noise_multiplier=self.noise_multiplier, delta=self.delta,
                 accountant=self.accountant, sampling=SAMPLING, capacity=self.capacity,
                 mechanism=self.mechanism.name, sensitivity=self.sensitivity, groups=self.groups,
-                target_epsilon=self.target_epsilon, configured_steps=self.configured_steps)
+                target_epsilon=self.target_epsilon, configured_steps=self.configured_steps,
+                **(dict(loss_bound=self.loss_bound,
+                        loss_noise_multiplier=self.loss_noise_multiplier)
+                   if self.loss_estimate else {}))
 
   def summary(self) -> dict:
     """What `--mode=account` prints: the plan and the epsilon of the whole run."""
@@ -101,10 +142,15 @@ class PrivacyPlan:
         steps=self.steps,
         configured_steps=self.configured_steps,
         noise_multiplier=self.noise_multiplier if self.enabled else 0.0,
+        loss_noise_multiplier=self.loss_noise_multiplier,
+        effective_noise_multiplier=self.effective_noise_multiplier if self.enabled else 0.0,
         clip_norm=self.clip_norm if self.enabled else None,
         mechanism=self.mechanism.name,
         sensitivity=self.sensitivity if self.enabled else None,
         noise_std=self.noise_std,
+        loss_bound=self.loss_bound,
+        loss_sensitivity=self.loss_sensitivity,
+        loss_noise_std=self.loss_noise_std if self.loss_estimate else None,
         groups=self.groups,
         delta=self.delta,
         epsilon_planned=accounting.finite_or_none(eps_pld if self.accountant == "pld" else eps_rdp),
@@ -121,6 +167,36 @@ class PrivacyPlan:
             self.dataset_size, self.sampling_rate, self.capacity, self.steps - self.start,
             self.groups),
     )
+
+
+def _loss_estimate(config, enabled: bool) -> tuple[float, float] | None:
+  """(bound, noise_ratio) of `config.privacy.loss_estimate`, or None when it is off (or absent);
+  ConfigError naming the field for a bad one."""
+  field, check = lambda name: config_lib.get_field(config, name), config_lib.check
+  on = config_lib.get_field(config, "privacy.loss_estimate.enabled", False)
+  check(isinstance(on, bool),
+        f"config.privacy.loss_estimate.enabled must be True or False, got {on!r}.")
+  if not on:
+    return None
+  check(enabled, "config.privacy.loss_estimate.enabled=True needs a private run "
+        "(config.privacy.enabled=True); a non-private run has no DP loss to estimate.")
+  values = []
+  for name in ("bound", "noise_ratio"):
+    value = field(f"privacy.loss_estimate.{name}")
+    check(isinstance(value, (int, float)) and not isinstance(value, bool)
+          and 0 < value < math.inf,
+          f"config.privacy.loss_estimate.{name} must be positive and finite, got {value!r}.")
+    values.append(float(value))
+  return values[0], values[1]
+
+
+def _split_noise_multiplier(effective: float, ratio: float) -> float:
+  """The smallest sigma with combined_noise_multiplier(sigma, ratio * sigma) >= `effective`:
+  effective * sqrt(1 + 1 / ratio^2), rounded up to the float where needed."""
+  sigma = effective * math.sqrt(1.0 + ratio ** -2.0)
+  while accounting.combined_noise_multiplier(sigma, ratio * sigma) < effective:
+    sigma = math.nextafter(sigma, math.inf)
+  return sigma
 
 
 def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) -> PrivacyPlan:
@@ -172,6 +248,9 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
         f"config.privacy.truncation_tolerance must be in (0, 1), got {tolerance}.")
   q = batch / n
   mechanism = mechanism_lib.build_mechanism(config, batch)
+  estimate = _loss_estimate(config, enabled)
+  if estimate is not None:
+    mechanism.loss_sensitivity(estimate[0], batch)  # ConfigError if the mechanism has none
 
   def layout(max_p):
     """(num_microbatches, microbatch_size) for a truncation probability of at most max_p."""
@@ -190,10 +269,17 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
         "config.privacy.target_epsilon must be set for a private run.")
   check(sigma is None or sigma > 0,
         f"config.privacy.noise_multiplier must be positive, got {sigma}.")
-  untruncated = accounting.Segment(n, q, sigma or 0.0, steps)
+  ratio = None if estimate is None else estimate[1]
+
+  def effective(s: float) -> float:
+    return s if ratio is None else accounting.combined_noise_multiplier(s, ratio * s)
+
+  untruncated = accounting.Segment(n, q, effective(sigma) if sigma else 0.0, steps)
   if sigma is None:
-    sigma = accounting.calibrate_noise_multiplier(
+    # Calibrated: what the accountant sees (sigma_eff) meets the target, then split.
+    sigma_eff = accounting.calibrate_noise_multiplier(
         accountant, untruncated, target_epsilon=target, delta=delta)
+    sigma = sigma_eff if ratio is None else _split_noise_multiplier(sigma_eff, ratio)
     eps_ref = target
   else:
     eps_ref = accounting.epsilon(accountant, [untruncated], delta)
@@ -207,7 +293,9 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
       configured_steps=steps, clip_norm=clip_norm, noise_multiplier=sigma, delta=delta,
       accountant=accountant, microbatch_size=micro_size, num_microbatches=num_micro,
       target_epsilon=target, truncation_tolerance=tolerance, mechanism=mechanism,
-      sensitivity=mechanism.sensitivity(clip_norm, num_micro * micro_size))
+      sensitivity=mechanism.sensitivity(clip_norm, num_micro * micro_size),
+      loss_bound=None if estimate is None else estimate[0],
+      loss_noise_multiplier=None if ratio is None else ratio * sigma)
 
   if target is not None:
     # The exact (truncated) accounting decides how many steps fit in the budget. When sigma was

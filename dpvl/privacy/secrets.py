@@ -5,13 +5,18 @@ Poisson sampler's seed, the noise keys and per-batch clipping's group salt are s
 all derived from one root secret (32 bytes from `os.urandom`) with HMAC-SHA256 under distinct
 labels, so the streams are independent as far as HMAC-SHA256 is a pseudo-random function:
 
-  sampler seed of segment s          HMAC(root, "dpvl/sampler/<s>")[:16]    128 bits
-  group salt of segment s            HMAC(root, "dpvl/groups/<s>")[:8]       64 bits
-  noise key of segment s, step t     HMAC(root, "dpvl/noise/<s>/<t>")[:8]    64 bits
-  run id (public)                    HMAC(root, "dpvl/run-id")[:8]
+  sampler seed of segment s           HMAC(root, "dpvl/sampler/<s>")[:16]          128 bits
+  group salt of segment s             HMAC(root, "dpvl/groups/<s>")[:8]             64 bits
+  noise key of segment s, step t      HMAC(root, "dpvl/noise/<s>/<t>")[:8]          64 bits
+  loss noise key of segment s, step t HMAC(root, "dpvl/loss-noise/<s>/<t>")[:8]     64 bits
+  run id (public)                     HMAC(root, "dpvl/run-id")[:8]
 
 A segment is a stretch of steps in the ledger (`dpvl.privacy.ledger`): a resume that cannot
 reproduce released steps bit for bit starts a new segment, whose streams are all fresh.
+
+The loss noise key draws the noise of the DP loss estimate (`config.privacy.loss_estimate`): a
+stream of its own, so that the gradient's noise key is the same whether the estimate is on or off,
+and the two noises are independent.
 
 The noise key of a step is a threefry2x32 key built from its 64 bits of key data
 (`jax.random.wrap_key_data`), never from a Python int (`jax.random.key(int)` keeps 32 bits when
@@ -83,3 +88,8 @@ class RunSecrets:
   def noise_key(self, segment: int, step: int) -> jax.Array:
     """The threefry2x32 noise key of `step` in segment `segment`."""
     return jax.random.wrap_key_data(self.noise_key_data(segment, step), impl="threefry2x32")
+
+  def loss_noise_key(self, segment: int, step: int) -> jax.Array:
+    """The threefry2x32 key of the DP loss estimate's noise at `step` in segment `segment`."""
+    data = np.frombuffer(self._derive(f"loss-noise/{segment}/{step}", 8), "<u4")
+    return jax.random.wrap_key_data(data.astype(np.uint32), impl="threefry2x32")

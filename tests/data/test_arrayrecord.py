@@ -50,7 +50,8 @@ def test_dp_training_on_converted_array_records(converted, tmp_path, web_config)
   entry = train.run(config, str(tmp_path), log=lambda *_: None)
   assert entry["steps_done"] == 4 and entry["dataset_size"] == 114
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  assert rows[-1]["skipped"] == {} and rows[-1]["examples"] > 0  # bad ones were converted out
+  diagnostics = rows[-1]["private_data_diagnostics"]
+  assert diagnostics["skipped"] == {} and diagnostics["examples"] > 0  # bad ones converted out
   config.data.size = 120
   with pytest.raises(config_lib.ConfigError, match="114"):
     train.run(config, str(tmp_path / "wrong_size"), log=lambda *_: None)

@@ -136,8 +136,9 @@ def test_dp_training_on_tar_shards_counts_bad_records(shards, tmp_path, web_conf
   assert [r["step"] for r in rows] == [2, 4]
   expected = _expected_skips(config, sources.build_source(config.data), 4)
   assert sum(expected.values()) > 0  # q = 32/118: the broken records are drawn
-  assert rows[-1]["skipped"] == dict(expected)
-  assert all(np.isfinite(r["loss"]) and r["data_wait_seconds"] >= 0 for r in rows)
+  assert rows[-1]["private_data_diagnostics"]["skipped"] == dict(expected)
+  assert all(np.isfinite(r["private_data_diagnostics"]["loss"]) and r["data_wait_seconds"] >= 0
+             for r in rows)
   assert f"skipped records: {dict(expected)}" in logs
 
 

@@ -161,7 +161,8 @@ def test_evals_run_before_during_and_after_training(tmp_path):
   events = _events(str(tmp_path))
   for r in evals:
     assert ("probe/top1", r["step"], pytest.approx(r["probe/top1"])) in events
-  assert {"loss", "epsilon", "probe_last/top1"} <= {tag for tag, _, _ in events}
+  assert {"private_data_diagnostics/loss", "epsilon", "probe_last/top1"} <= {
+      tag for tag, _, _ in events}
 
 
 def test_standalone_eval_on_a_checkpoint(tmp_path):

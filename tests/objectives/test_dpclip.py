@@ -107,8 +107,9 @@ def test_dpclip_trains_with_each_mechanism_and_reports_zero_shot_and_recall(tmp_
   assert ledger["mechanism"] == mechanism
   assert ledger["noise_std"] == pytest.approx(ledger["noise_multiplier"] * ledger["sensitivity"])
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  train_rows = [r for r in rows if "loss" in r]
-  assert train_rows and all(math.isfinite(r["loss"]) for r in train_rows)
+  train_rows = [r for r in rows if "epsilon" in r]
+  assert train_rows and all(math.isfinite(r["private_data_diagnostics"]["loss"])
+                            for r in train_rows)
   eval_rows = [r for r in rows if "zero_shot/top1" in r]
   assert [r["step"] for r in eval_rows] == [0, 4]
   for r in eval_rows:

@@ -129,9 +129,9 @@ def _said(text: str) -> str:
 def _losses(workdir: str) -> dict[int, float]:
   """{step: loss} of metrics.jsonl's training rows, each step written once."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [row for row in map(json.loads, f) if "loss" in row]
+    rows = [row for row in map(json.loads, f) if "epsilon" in row]
   assert len({row["step"] for row in rows}) == len(rows), "a step was written twice"
-  return {row["step"]: row["loss"] for row in rows}
+  return {row["step"]: row["private_data_diagnostics"]["loss"] for row in rows}
 
 
 def _evals(workdir: str) -> dict[int, dict]:

@@ -86,3 +86,18 @@ def test_segments_compose(name, library):
   # one-step distributions; it must stay exactly the library's figure).
   event = accounting.dp_event([a, b, a.replace(steps=7)])
   assert both == library().compose(event).get_epsilon(1e-5)
+
+
+def test_two_gaussians_on_the_same_data_are_one_at_the_combined_multiplier():
+  # The gradient (sigma) and the DP loss estimate (sigma_l = 3 sigma), each with noise std its
+  # multiplier times its own sensitivity, against one Gaussian at sigma_eff: no sampling.
+  sigma, sigma_l, delta = 0.8, 2.4, 1e-5
+  sigma_eff = accounting.combined_noise_multiplier(sigma, sigma_l)
+  assert sigma_eff == pytest.approx((sigma ** -2 + sigma_l ** -2) ** -0.5)
+  both = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(sigma),
+                                        dp_accounting.GaussianDpEvent(sigma_l)])
+  one = dp_accounting.GaussianDpEvent(sigma_eff)
+  eps = lambda event: pld.PLDAccountant(value_discretization_interval=1e-3).compose(
+      event).get_epsilon(delta)
+  assert eps(both) == pytest.approx(eps(one), rel=1e-6)
+  assert eps(both) > eps(dp_accounting.GaussianDpEvent(sigma)) * 1.01

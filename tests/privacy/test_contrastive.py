@@ -366,3 +366,29 @@ def test_hash_group_sizes_follow_the_accounting_model():
   mean, var = n * q / groups, n * q / groups * (1 - q / groups)
   assert abs(sizes.mean() - mean) < 4 * math.sqrt(var / len(sizes))
   assert stats.chi2(len(sizes) - 1).cdf(np.sum((sizes - mean) ** 2) / var) < 0.9999
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "ghost"])
+def test_per_batch_dp_loss_clips_each_groups_summed_loss(strategy):
+  """Per-batch clipping's unit is the hash group: the DP loss estimate clips each group's summed
+  loss, not each pair's (one record moves one group's)."""
+  model, params = _toy_model(), _toy_params()
+  rng = np.random.default_rng(3)
+  batch, mask = _batch(rng.normal(size=(7, DIM)), rng.normal(size=(7, DIM)), 2, 4)  # 4 + 3 pairs
+
+  def run(bound):
+    return contrastive.per_batch_gradient(
+        model, params, batch, mask, None, jax.random.key(0), clip_norm=1.0, noise_std=0.0,
+        expected_batch_size=7, clipping_strategy=strategy, loss_bound=bound,
+        loss_noise_std=0.0, loss_noise_key=jax.random.key(1))[1]
+
+  def group_loss(g):
+    u, v = model.embed(params, jax.tree.map(lambda x: x[g], batch))
+    return float(jnp.sum(contrastive.contrastive_losses(u @ v.T, mask[g], TAU)))
+
+  group_losses = [group_loss(0), group_loss(1)]
+  loose = run(1e6)
+  assert float(loose["dp_loss"]) == pytest.approx(sum(group_losses) / 7, rel=1e-5)
+  assert float(loose["loss"]) == pytest.approx(sum(group_losses) / 7, rel=1e-5)
+  bound = 0.9 * min(group_losses)  # below each group's summed loss: both are clipped
+  assert float(run(bound)["dp_loss"]) == pytest.approx(2 * bound / 7, rel=1e-6)

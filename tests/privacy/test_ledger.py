@@ -194,3 +194,36 @@ def test_the_computation_fingerprint_sees_what_changes_a_step(dpcap_config):
     changed = dpcap_config()
     changed.update_from_flattened_dict({field: value})
     assert ledger_lib.computation_fingerprint(changed) != base, field
+
+
+def test_turning_the_loss_estimate_on_at_a_resume_needs_force_and_composes(tmp_path,
+                                                                           dpcap_config):
+  # A ledger of 4 steps without the estimate, and a checkpoint at step 4 (no training needed).
+  off_config = dpcap_config()
+  off = plan_lib.build_plan(off_config)
+  run_secrets = secrets_lib.RunSecrets.from_test_seed(1234)
+  path = str(tmp_path / "privacy.json")
+  entry = ledger_lib.Ledger(path, off, ledger_lib.Resume((), 0, 4), "c",
+                            dict(run_id=run_secrets.run_id)).write("running")
+  checkpoint = (4, dict(secrets=run_secrets.hex(), ledger=entry))
+
+  on_config = dpcap_config(loss_estimate=dict(enabled=True, bound=10.0, noise_ratio=3.0))
+  on = plan_lib.build_plan(on_config)
+  assert on.loss_noise_multiplier == 3.0
+  with pytest.raises(ledger_lib.ResumeError, match="loss_noise_multiplier None -> 3.0"):
+    ledger_lib.open_run(on_config, str(tmp_path), on, checkpoint, log=_quiet)
+  opening = ledger_lib.open_run(on_config, str(tmp_path), on, checkpoint, force_resume=True,
+                                log=_quiet)
+  ledger = ledger_lib.Ledger(path, opening.plan, opening.resumed, "c", opening.header)
+  ledger.advance(6)
+  entry = ledger.write("running")
+  sigma_eff = accounting.combined_noise_multiplier(1.0, 3.0)
+  assert [(s["start"], s["steps"], s["noise_multiplier"]) for s in entry["segments"]] == [
+      (0, 4, 1.0), (4, 2, sigma_eff)]
+  assert entry["epsilon_spent"] == pytest.approx(accounting.epsilon(
+      "pld", [off.segment(4), off.segment(2).replace(noise_multiplier=sigma_eff)], off.delta))
+  assert entry["epsilon_spent"] > off.epsilon(6)
+  # Turning it off again is a plan change too.
+  checkpoint = (6, dict(secrets=run_secrets.hex(), ledger=entry))
+  with pytest.raises(ledger_lib.ResumeError, match="loss_noise_multiplier 3.0 -> None"):
+    ledger_lib.open_run(off_config, str(tmp_path), off, checkpoint, log=_quiet)

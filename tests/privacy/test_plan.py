@@ -2,10 +2,13 @@
 
 import math
 
+import dp_accounting
+from dp_accounting import pld
 import ml_collections
 import pytest
 
 from dpvl import config as config_lib
+from dpvl.privacy import accounting
 from dpvl.privacy import plan as plan_lib
 
 
@@ -71,3 +74,66 @@ def test_non_private_plan():
   plan = plan_lib.build_plan(tiny_config(enabled=False))
   assert plan.noise_std == 0.0
   assert plan.summary()["epsilon_planned"] is None
+
+
+ESTIMATE = dict(enabled=True, bound=10.0, noise_ratio=2.0)
+
+
+def test_the_loss_estimate_is_accounted_at_the_combined_noise_multiplier():
+  config = lambda **privacy: dict(tiny_config(noise_multiplier=0.8, target_epsilon=None,
+                                              **privacy), steps=40)
+  on = plan_lib.build_plan(ml_collections.ConfigDict(config(loss_estimate=ESTIMATE)))
+  off = plan_lib.build_plan(ml_collections.ConfigDict(config()))
+  assert (on.noise_multiplier, on.loss_noise_multiplier) == (0.8, 1.6)
+  sigma_eff = accounting.combined_noise_multiplier(0.8, 1.6)
+  assert on.effective_noise_multiplier == sigma_eff and on.segment(5).noise_multiplier == sigma_eff
+  assert on.noise_std == off.noise_std == 0.8 and on.loss_noise_std == 1.6 * 10.0
+  event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      on.sampling_rate, dp_accounting.GaussianDpEvent(sigma_eff)), 40)
+  assert on.epsilon(40) == pytest.approx(
+      pld.PLDAccountant().compose(event).get_epsilon(on.delta), rel=1e-6)
+  assert on.epsilon(40) > off.epsilon(40) * 1.1
+  summary = on.summary()
+  assert (summary["noise_multiplier"], summary["loss_noise_multiplier"],
+          summary["effective_noise_multiplier"]) == (0.8, 1.6, sigma_eff)
+  # Turning the estimate on changes the plan: a resume needs --force_resume.
+  assert on.fingerprint() != off.fingerprint()
+  assert set(off.fingerprint()) == set(on.fingerprint()) - {"loss_bound", "loss_noise_multiplier"}
+
+
+def test_calibration_with_the_loss_estimate_meets_the_target():
+  config = tiny_config(accountant="rdp", target_epsilon=2.0, loss_estimate=ESTIMATE)
+  config.steps = 20
+  on = plan_lib.build_plan(config)
+  del config.privacy["loss_estimate"]  # a config without the field: no estimate
+  off = plan_lib.build_plan(config)
+  assert off.loss_noise_multiplier is None
+  # The target is met by both releases together: sigma_eff is the calibrated sigma without.
+  assert on.effective_noise_multiplier == pytest.approx(off.noise_multiplier, rel=1e-12)
+  assert on.effective_noise_multiplier >= off.noise_multiplier
+  assert on.noise_multiplier == pytest.approx(off.noise_multiplier * math.sqrt(1 + 1 / 4))
+  assert on.steps == 20 and 1.95 < on.epsilon(20) <= 2.0
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(enabled="yes"), "privacy.loss_estimate.enabled"),
+    (dict(bound=0.0), "privacy.loss_estimate.bound"),
+    (dict(noise_ratio=-1.0), "privacy.loss_estimate.noise_ratio"),
+])
+def test_bad_loss_estimates_fail_with_the_field_named(change, field):
+  with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+    plan_lib.build_plan(tiny_config(loss_estimate=dict(ESTIMATE, **change)))
+
+
+def test_the_loss_estimate_is_refused_where_no_unit_loss_bounds_a_record():
+  with pytest.raises(config_lib.ConfigError, match=r"loss_estimate.*private run"):
+    plan_lib.build_plan(tiny_config(enabled=False, loss_estimate=ESTIMATE))
+  config = tiny_config(noise_multiplier=1.0, loss_estimate=ESTIMATE, mechanism="logit_dp")
+  config.model = dict(temperature=0.5)
+  with pytest.raises(config_lib.ConfigError, match=r"loss_estimate.*logit_dp"):
+    plan_lib.build_plan(config)
+  # per_batch: a hash group is the unit, its summed loss bounded by bound x the group size.
+  config = tiny_config(noise_multiplier=1.0, loss_estimate=ESTIMATE, mechanism="per_batch",
+                       group_size=25)
+  plan = plan_lib.build_plan(config)
+  assert plan.groups == 4 and plan.loss_sensitivity == 10.0 * 25
