@@ -10,7 +10,10 @@ prints the privacy plan as one JSON object and touches no data and no device; --
 --mode=compile compiles the full private step on abstract inputs (no data) for the local
 devices and prints its parameter count and per-device FLOPs and memory as JSON; with
 --topology=v5e-256 (or v4-128, v5e:16x16, ...) for the chips of that TPU slice, from any host
-(libtpu needed: pip install "dpvl[tpu]").
+(libtpu needed: pip install "dpvl[tpu]"); --mode=audit trains canaries into a shortened run
+of the config in WORKDIR/audit and prints the empirical epsilon lower bound next to the claimed
+one as one JSON object, last (`dpvl.privacy.audit`; --audit_kind, --audit_canaries,
+--audit_steps override its choices).
 """
 
 import json
@@ -35,8 +38,14 @@ from dpvl.privacy import plan as plan_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, ledger, metrics).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval", "compile"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval", "compile", "audit"],
                           "What to do.")
+_AUDIT_KIND = flags.DEFINE_enum("audit_kind", "dirac", ["dirac", "input"],
+                                "--mode=audit: gradient (dirac) or input-space canaries.")
+_AUDIT_CANARIES = flags.DEFINE_integer("audit_canaries", None,
+                                       "--mode=audit: canaries (default: min(1000, N / 4)).")
+_AUDIT_STEPS = flags.DEFINE_integer("audit_steps", None,
+                                    "--mode=audit: steps of the audit's run (default: chosen).")
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "--mode=compile: compile for this TPU slice (v5e-256, v4-128, v5e:16x16) "
     "instead of the local devices; needs libtpu.")
@@ -125,6 +134,12 @@ def main(argv):
       return
     if not _WORKDIR.value:
       raise config_lib.ConfigError(f"--workdir is required for --mode={_MODE.value}.")
+    if _MODE.value == "audit":
+      from dpvl.privacy import audit  # pylint: disable=g-import-not-at-top  # jax_privacy
+      result = audit.run(config, _WORKDIR.value, _AUDIT_KIND.value, _AUDIT_CANARIES.value,
+                         _AUDIT_STEPS.value)
+      print(json.dumps(result))
+      return
     if _MODE.value == "eval":
       print(json.dumps(eval_checkpoint.evaluate_checkpoint(config, _WORKDIR.value, _STEP.value)))
       return

@@ -59,6 +59,10 @@ class Setup:
   source: object | None  # None when the run reads no data (--mode=compile)
   mesh: jax.sharding.Mesh
   gradient: Callable
+  # The run's optimizer from the configured one (`dpvl.privacy.audit` trains its canaries'
+  # parameters by plain SGD).
+  wrap_optimizer: Callable[[optax.GradientTransformation], optax.GradientTransformation] = (
+      lambda optimizer: optimizer)
 
 
 def check_settings(config) -> tuple[config_lib.Training, optim.Settings]:
@@ -363,7 +367,8 @@ def final_status(final: int, plan: plan_lib.PrivacyPlan, signal_name: str | None
 
 
 def run(config, workdir: str, force_resume: bool = False, force_restart: bool = False,
-        log=print, after_step: Callable[[int], None] | None = None, devices=None) -> dict:
+        log=print, after_step: Callable[[int], None] | None = None, devices=None,
+        instrument: Callable[[Setup], Setup] | None = None) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint.
 
   Args:
@@ -376,6 +381,8 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
     after_step: called with the global step after each step's metrics and ledger are written,
       before its checkpoint (tests inject faults here).
     devices: the devices of the mesh (`config.mesh`); default `jax.devices()`.
+    instrument: the checked setup -> the setup the run trains (`dpvl.privacy.audit` adds its
+      canaries to the data, the objective and the optimizer); None trains the config as it is.
 
   Returns:
     The final ledger entry (as in privacy.json); a run stopped by a signal adds `stopped_by`
@@ -386,6 +393,8 @@ def run(config, workdir: str, force_resume: bool = False, force_restart: bool = 
   """
   # --- Checks: nothing below can fail on a config or a path. --------------------------------
   setup = check(config, workdir, devices)
+  if instrument is not None:
+    setup = instrument(setup)
   evaluators = evaluate.build_evaluators(config, setup.objective)  # loads their data
   if not hosts.is_primary():
     log = lambda *_: None  # noqa: E731  # one process speaks
@@ -456,7 +465,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
            after_step) -> dict:
   """`run` once its checks passed and it holds the workdir."""
   training, plan, objective = setup.training, setup.plan, setup.objective
-  optimizer = optim.make_optimizer(setup.optimizer, plan.configured_steps)
+  optimizer = setup.wrap_optimizer(optim.make_optimizer(setup.optimizer, plan.configured_steps))
   init, abstract = abstract_state(config, setup, optimizer)
   shardings = shardings_of(abstract)
 
