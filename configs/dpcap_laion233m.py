@@ -24,10 +24,17 @@ def get_config():
   c.data = laion.laion233m_data()
   c.tokenizer = common.bert_tokenizer(max_len=40)
 
+  # DP-Cap's model (`mae_vit_base_patch16_autoregressive_nobias`): ViT-B/16 without qkv biases
+  # and with a frozen class token; a linear bridge with bias, fixed 2-D sin-cos positions added
+  # to the memory (zero on the class token); a post-LN decoder without biases, fixed 1-D
+  # sin-cos text positions, unit-normal token embeddings and a LayerNorm + linear head with
+  # bias; xavier-uniform dense kernels and exact GELU throughout.
   c.model = ml_collections.ConfigDict(dict(
       dtype="bfloat16",
-      encoder=laion.vit_b16(qkv_bias=False),
-      decoder=dict(width=768, depth=6, num_heads=12, mlp_dim=3072)))
+      encoder=laion.vit_b16(qkv_bias=False, cls_token="frozen", **laion.TIMM_INIT),
+      bridge_bias=True, memory_posemb="sincos2d",
+      decoder=dict(width=768, depth=6, num_heads=12, mlp_dim=3072, layout="post_ln",
+                   posemb="sincos1d", embed_init="unit_normal", **laion.TIMM_INIT)))
 
   c.batch = common.batch(expected_size=1_310_720,
                          microbatch_size=16_384)  # 128 per device on 128 devices

@@ -1,4 +1,5 @@
-"""What the paper-scale configs share: the LAION-233M data and the ViT-B/16 encoder."""
+"""What the paper-scale configs share: the LAION-233M data, the ViT-B/16 encoder and the
+papers' initialization."""
 
 import ml_collections
 
@@ -15,7 +16,13 @@ def laion233m_data(crop: str = "center") -> ml_collections.ConfigDict:
       workers=16))  # decoding processes per host
 
 
-def vit_b16(qkv_bias: bool) -> dict:
-  """ViT-B/16 with fixed 2-D sin-cos position embeddings (no class token, no head)."""
+# MAE's, timm's and DP-Cap's initialization and activation: xavier-uniform dense kernels (the
+# patch embedding's too), exact (erf) GELU. Flax's defaults are LeCun-normal and tanh GELU.
+TIMM_INIT = dict(dense_init="xavier_uniform", gelu="exact")
+
+
+def vit_b16(qkv_bias: bool, **layout) -> dict:
+  """ViT-B/16 with fixed 2-D sin-cos position embeddings, no head; `layout` adds ViT options
+  (cls_token, dense_init, gelu; by default no class token and Flax's init)."""
   return dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072,
-              qkv_bias=qkv_bias, posemb="sincos2d")
+              qkv_bias=qkv_bias, posemb="sincos2d", **layout)

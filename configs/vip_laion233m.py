@@ -31,10 +31,12 @@ def get_config(run: str = ""):
   # are read, the captions are not used by ViP.
   c.data = laion.laion233m_data(crop="random_resized")
 
+  # ViP's model (MAE's layout, `mae_vit_base_dec512d4b`): a learnt class token carried through
+  # the decoder; xavier-uniform dense kernels and exact GELU in both.
   c.model = ml_collections.ConfigDict(dict(
       dtype="bfloat16", mask_ratio=0.75, norm_pix_loss=False,
-      encoder=laion.vit_b16(qkv_bias=True),
-      decoder=dict(width=512, depth=4, num_heads=16, mlp_dim=2048)))
+      encoder=laion.vit_b16(qkv_bias=True, cls_token="learn", **laion.TIMM_INIT),
+      decoder=dict(width=512, depth=4, num_heads=16, mlp_dim=2048, **laion.TIMM_INIT)))
 
   c.batch = common.batch(expected_size=batch, microbatch_size=4_096)
   c.mesh = common.mesh()

@@ -34,7 +34,6 @@ from jax.experimental import topologies
 import jax.numpy as jnp
 
 from dpvl import config as config_lib
-from dpvl import optim
 from dpvl import train
 from dpvl.parallel import mesh as mesh_lib
 from dpvl.privacy import plan as plan_lib
@@ -64,7 +63,7 @@ def compile_step(config, devices=None) -> dict:
   """
   setup = train.check(config, workdir=None, devices=devices)  # no data is read
   objective, plan, mesh = setup.objective, setup.plan, setup.mesh
-  optimizer = optim.make_optimizer(setup.optimizer, plan.configured_steps)
+  optimizer = train.make_optimizer(setup)
   _, abstract_state = train.abstract_state(config, setup, optimizer)
   step = jax.jit(train.make_train_step(setup.gradient, optimizer, plan,
                                        train.shardings_of(abstract_state["params"])),

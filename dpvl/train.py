@@ -146,6 +146,13 @@ def _duration(seconds: float) -> str:
   return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
 
 
+def make_optimizer(setup: Setup) -> optax.GradientTransformation:
+  """The run's optimizer: the configured one over the configured steps, holding the objective's
+  frozen parameters still (`objectives.keep_frozen`), as `setup.wrap_optimizer` makes it."""
+  optimizer = optim.make_optimizer(setup.optimizer, setup.plan.configured_steps)
+  return setup.wrap_optimizer(objectives.keep_frozen(optimizer, setup.objective))
+
+
 def init_state(objective, optimizer: optax.GradientTransformation, seed: int) -> dict:
   """The train state before the first step.
 
@@ -265,7 +272,8 @@ def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib
       they are gathered whole and evaluated on the primary process (call it on all).
     step: the global step the parameters are at.
     last_step: the run's last step (evaluators run at 0, every `every` steps, and at the end).
-    writer: metrics.jsonl and TensorBoard.
+    writer: metrics.jsonl and TensorBoard; non-numeric outputs (e.g. sample captions) go to
+      the workdir's evals/step_<step>.json (`evaluate.write_artifacts`).
     log: where the one-line summary goes.
   """
   due = [e for e in evaluators if evaluate.is_due(e, step, last_step)]
@@ -278,8 +286,10 @@ def run_evals(evaluators, params, step: int, last_step: int, writer: metrics_lib
   row = dict(step=step)
   for evaluator in due:
     row.update(evaluator(params))
+  row, artifacts = evaluate.split_outputs(row)  # numbers to the metrics, the rest to evals/
   row["eval_seconds"] = round(time.time() - t, 3)
   writer.write(row)
+  evaluate.write_artifacts(os.path.dirname(writer.path), step, artifacts)
   log(f"eval   {step:>6}/{last_step}  " + "  ".join(
       f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "eval_seconds")))
 
@@ -465,7 +475,7 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
            after_step) -> dict:
   """`run` once its checks passed and it holds the workdir."""
   training, plan, objective = setup.training, setup.plan, setup.objective
-  optimizer = setup.wrap_optimizer(optim.make_optimizer(setup.optimizer, plan.configured_steps))
+  optimizer = make_optimizer(setup)
   init, abstract = abstract_state(config, setup, optimizer)
   shardings = shardings_of(abstract)
 

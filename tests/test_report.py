@@ -23,8 +23,8 @@ PER_RUN_PLOTS = ("loss_vs_step.png", "epsilon_vs_step.png", "eval_probe_vs_step.
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Two real runs of the small DP-Cap config, 4 steps, a small linear probe at steps 0, 2
-  and 4: {name: workdir}. Their epsilons differ by delta (1/N and 1e-7), not sigma: the
+  """Two real runs of the small DP-Cap config, 4 steps, a small linear probe and two sample
+  captions at steps 0, 2 and 4: {name: workdir}. Their epsilons differ by delta (1/N and 1e-7), not sigma: the
   step's noise std is compiled in, so one sigma compiles the step once for both runs."""
   root = tmp_path_factory.mktemp("runs")
   workdirs = {}
@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
     probe = eval_configs.scene_probe("label", blocks=1, every=2, train_size=64, test_size=32,
                                      image_size=16)
     probe.update(dict(steps=20, batch_size=32))
-    config.evals = ml_collections.ConfigDict(dict(probe=probe))
+    samples = eval_configs.scene_caption_samples(count=2, every=2, image_size=16)
+    config.evals = ml_collections.ConfigDict(dict(probe=probe, samples=samples))
     workdirs[name] = str(root / name)
     train.run(config, workdirs[name], log=lambda *_: None)
   return workdirs
@@ -235,3 +236,15 @@ def test_both_row_layouts_replays_and_an_audit(tmp_path):
   assert "probe/skipped: 2 evaluation records could not be read" in summary
   assert "| flat | dpcap, per_example, shape_scenes N=1000, B=32 | 2.5 (pld) | 3 | 1e-05 | 1.5 |" \
       in summary
+
+
+def test_sample_captions_go_to_the_evals_folder_not_the_metrics(runs):
+  for step in (0, 2, 4):
+    with open(os.path.join(runs["run_a"], "evals", f"step_{step}.json")) as f:
+      samples = json.load(f)
+    (captions,) = [v for k, v in samples.items() if k.startswith("samples/")]
+    assert len(captions) == 2
+  with open(os.path.join(runs["run_a"], "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert all(not k.startswith("samples/") or isinstance(v, (int, float))
+             for row in rows for k, v in row.items())

@@ -21,8 +21,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
     step: the checkpoint's step (default: the latest).
 
   Returns:
-    The metrics row, marked `"standalone": true`. ConfigError if there is no such checkpoint,
-    no evaluator, or the checkpoint holds another model.
+    The metrics row, marked `"standalone": true` (with any non-numeric outputs, which go to
+    the workdir's evals/step_<step>.json rather than the metrics). ConfigError if there is no
+    such checkpoint, no evaluator, or the checkpoint holds another model.
   """
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # and do not create it
     raise config_lib.ConfigError(f"{workdir} holds no checkpoint.")
@@ -43,7 +44,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   row = dict(step=step, standalone=True)
   for evaluator in evaluators:
     row.update(evaluator(params))
+  scalars, artifacts = evaluate.split_outputs(row)
   writer = metrics_lib.MetricsWriter(workdir)
-  writer.write(row)
+  writer.write(scalars)
   writer.close()
+  evaluate.write_artifacts(workdir, step, artifacts)
   return row

@@ -19,7 +19,8 @@ def l2_normalize(x, eps: float = 1e-6):
 
 
 class ImageTower(nn.Module):
-  """images [B, H, W, 3] -> embeddings [B, embed_dim]: ViT, mean-pooled tokens, linear map."""
+  """images [B, H, W, 3] -> embeddings [B, embed_dim]: ViT, mean-pooled patch tokens (a class
+  token is left out), linear map."""
 
   encoder: dict
   embed_dim: int
@@ -27,7 +28,8 @@ class ImageTower(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    tokens = ViT(**self.encoder, dtype=self.dtype, name="vit")(images)
+    vit = ViT(**self.encoder, dtype=self.dtype, name="vit")
+    tokens = vit(images)[:, vit.num_prefix_tokens:]
     pooled = jnp.mean(tokens.astype(jnp.float32), axis=1)
     return l2_normalize(nn.Dense(self.embed_dim, use_bias=False, name="proj")(pooled))
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from dpvl import config as config_lib
 from dpvl import registry
@@ -41,6 +42,10 @@ class Objective:
       block's output): the image encoder's features, for evaluators (linear probe).
     image_size: side of the square images the encoder takes.
     tokenize: text -> int32 token ids [max_len], for evaluators that embed text.
+    frozen: parameter path (its keys, e.g. ("vit", "frozen_cls_token")) -> whether the
+      parameter keeps its initial value: the model reads it through `stop_gradient`, and the
+      optimizer must not move it either (`keep_frozen`). By default the parameters named
+      `frozen_*` (`dpvl.models.vit.is_frozen`).
   """
 
   name: str
@@ -51,6 +56,7 @@ class Objective:
   encode: Callable[[Any, jax.Array], Any] | None = None
   image_size: int | None = None
   tokenize: Callable[[str], Any] | None = None
+  frozen: Callable[[tuple[str, ...]], bool] = vit.is_frozen
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,6 +80,34 @@ class ContrastiveObjective(Objective):
   """
 
   dual_encoder: contrastive.DualEncoder
+
+
+def _path_keys(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def frozen_mask(objective: Objective, params) -> Any:
+  """A pytree of bools like `params` (or gradients, updates): True on the frozen parameters."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(objective.frozen(_path_keys(path))), params)
+
+
+def keep_frozen(optimizer: optax.GradientTransformation,
+                objective: Objective) -> optax.GradientTransformationExtraArgs:
+  """`optimizer`, but the frozen parameters' gradients and updates are zero, so no step (noise,
+  weight decay, momentum) moves them. Its state is `optimizer`'s own: checkpoints of either
+  load in the other."""
+
+  def zero_frozen(tree):
+    return jax.tree.map(lambda x, frozen: jnp.zeros_like(x) if frozen else x, tree,
+                        frozen_mask(objective, tree))
+
+  def update(updates, state, params=None, **extra_args):
+    updates, state = optax.with_extra_args_support(optimizer).update(
+        zero_frozen(updates), state, params, **extra_args)
+    return zero_frozen(updates), state
+
+  return optax.GradientTransformationExtraArgs(optimizer.init, update)
 
 
 def _positive_int(value) -> bool:
@@ -104,13 +138,18 @@ def model_dtype(config) -> jnp.dtype:
 
 
 def module_fields(module: type, given=()) -> tuple[set[str], set[str]]:
-  """(all, required) keyword fields of a Flax module class, less `given` and dtype (set by the
-  builder)."""
+  """(all, required) keyword fields of a Flax module class (or dataclass), less `given` and
+  dtype (set by the builder)."""
   fields = [f for f in dataclasses.fields(module)
             if f.init and f.name not in ("parent", "name", "dtype", *given)]
   required = {f.name for f in fields
               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
   return {f.name for f in fields}, required
+
+
+def _defaults(module: type) -> dict[str, Any]:
+  return {f.name: f.default for f in dataclasses.fields(module)
+          if f.default is not dataclasses.MISSING}
 
 
 _TRANSFORMER = ("width", "depth", "num_heads", "mlp_dim")
@@ -126,8 +165,9 @@ def check_transformer(config, field: str, module: type | None = None, given=(),
   Args:
     config: the run's config.
     field: dotted path of the section, e.g. "model.encoder".
-    module: the Flax module class it is passed to: it names the allowed and required fields
-      (None: exactly width, depth, num_heads and mlp_dim).
+    module: the Flax module class (or dataclass) it is passed to: it names the allowed and
+      required fields, and its `CHOICES` the values of its string options (None: exactly
+      width, depth, num_heads and mlp_dim).
     given: fields of `module` the builder sets itself (not allowed in the section).
     sincos: the module adds sin-cos position embeddings of this width whatever `posemb` says.
   """
@@ -155,12 +195,17 @@ def check_transformer(config, field: str, module: type | None = None, given=(),
   width, heads = section["width"], section["num_heads"]
   config_lib.check(width % heads == 0, f"config.{field}.width={width} is not divisible by "
                    f"config.{field}.num_heads={heads}.")
-  posemb = section.get("posemb", "sincos2d") if "posemb" in names else None
-  config_lib.check(posemb in (None, "sincos2d", "learn"),
-                   f"config.{field}.posemb={posemb!r} is unknown; use 'sincos2d' or 'learn'.")
+  values = {**(_defaults(module) if module is not None else {}), **section}
+  for name, allowed in (getattr(module, "CHOICES", None) or {}).items():
+    config_lib.check(values.get(name) in allowed, f"config.{field}.{name}={values.get(name)!r} "
+                     "is unknown; use " + " or ".join(map(repr, allowed)) + ".")
+  posemb = values.get("posemb")
   if sincos or posemb == "sincos2d":
     config_lib.check(width % 4 == 0, f"config.{field}.width={width} must be divisible by 4 "
                      "for sin-cos position embeddings.")
+  if posemb == "sincos1d":
+    config_lib.check(width % 2 == 0, f"config.{field}.width={width} must be even for sin-cos "
+                     "position embeddings.")
 
 
 def check_encoder(config) -> None:

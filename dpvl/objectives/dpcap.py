@@ -3,7 +3,8 @@
 The privacy unit is one image-caption pair, and its loss is the mean next-token cross-entropy
 over the caption's target tokens up to its first EOS (padding and anything after EOS ignored):
 one loss per pair, whatever its length. Activations use `config.model.dtype`; parameters, logits
-and the loss are float32.
+and the loss are float32. The published layout (post-LN decoder, fixed sin-cos text and memory
+positions, a frozen class token) is a set of options, see `configs/dpcap_laion233m.py`.
 """
 
 import functools
@@ -64,12 +65,18 @@ def masked_token_loss(logits, targets, pad_id: int, eos_id: int | None = None):
 
 
 def model_from_config(config, vocab_size: int) -> Captioner:
-  """The captioner of `config.model`; the decoder reads max_len - 1 input tokens."""
+  """The captioner of `config.model`; the decoder reads max_len - 1 input tokens.
+
+  Besides the encoder and decoder sections, `config.model.bridge_bias` (default False) and
+  `config.model.memory_posemb` (default "none") set the bridge (`Captioner`).
+  """
   dec = dict(config.model.decoder)
   return Captioner(
       encoder=dict(config.model.encoder),
       decoder=dict(vocab_size=vocab_size, max_len=config.tokenizer.max_len - 1, **dec),
-      dtype=objectives.model_dtype(config))
+      dtype=objectives.model_dtype(config),
+      bridge_bias=config.model.get("bridge_bias", False),
+      memory_posemb=config.model.get("memory_posemb", "none"))
 
 
 def check_model(config) -> None:
@@ -77,6 +84,15 @@ def check_model(config) -> None:
   objectives.check_encoder(config)
   objectives.check_transformer(config, "model.decoder", TextDecoder,
                                given=("vocab_size", "max_len"))
+  bias = config.model.get("bridge_bias", False)
+  config_lib.check(isinstance(bias, bool),
+                   f"config.model.bridge_bias must be True or False, got {bias!r}.")
+  posemb = config.model.get("memory_posemb", "none")
+  config_lib.check(posemb in Captioner.MEMORY_POSEMBS, f"config.model.memory_posemb={posemb!r} "
+                   "is unknown; use 'none' or 'sincos2d'.")
+  width = config.model.decoder.width
+  config_lib.check(posemb != "sincos2d" or width % 4 == 0, f"config.model.decoder.width={width} "
+                   "must be divisible by 4 for sin-cos memory position embeddings.")
 
 
 def build(config) -> objectives.PerExampleObjective:

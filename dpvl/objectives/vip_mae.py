@@ -3,6 +3,8 @@
 The privacy unit is one image. Its mask is drawn *inside* the per-example loss from that
 example's own key, so the clipped gradient of one example depends on that example only; the
 loss is the MSE on the masked patches only (optionally on per-patch normalised pixels).
+`config.model.encoder.cls_token="learn"` is MAE's layout (`dpvl.models.mae`): the class token
+is carried through the decoder, and neither predicted nor counted.
 """
 
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 from dpvl import config as config_lib
 from dpvl import objectives
 from dpvl.data import transforms
+from dpvl.models.mae import DecoderSpec
 from dpvl.models.mae import MaskedAutoencoder
 from dpvl.models.vit import patchify
 from dpvl.models.vit import vit_features
@@ -61,7 +64,7 @@ def check_model(config) -> None:
   """ConfigError naming the field for a `config.model` that the modules would reject at init."""
   objectives.check_encoder(config)
   # The decoder adds sin-cos position embeddings of its width (`MaskedAutoencoder`).
-  objectives.check_transformer(config, "model.decoder", sincos=True)
+  objectives.check_transformer(config, "model.decoder", DecoderSpec, sincos=True)
   ratio = config_lib.get_field(config, "model.mask_ratio")
   config_lib.check(isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0,
                    f"config.model.mask_ratio must be in [0, 1), got {ratio}.")

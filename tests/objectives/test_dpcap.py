@@ -1,17 +1,22 @@
 """DP-Cap: the masked token loss, the captioner on real examples, per-example gradients,
-greedy decoding, the paper's model."""
+greedy decoding, the paper's model, a frozen class token under the optimizer."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import dpcap_laion233m
+from dpvl import objectives
 from dpvl.data import sources
 from dpvl.data import tokenizers
 from dpvl.objectives import build_objective
 from dpvl.objectives import dpcap
 from dpvl.privacy import clipping
+from tests.helpers import raises_config_error
 
 
 def test_masked_token_loss_ignores_padding():
@@ -163,14 +168,77 @@ def test_paper_captioner_builds_at_full_size(bert_sized_vocab):
   size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   count, encoder, decoder = size(shapes), size(shapes["vit"]), size(shapes["text"])
   print(f"DP-Cap paper captioner: {count:,} parameters (ViT-B/16 {encoder:,}, "
-        f"bridge {size(shapes['bridge']):,}, decoder {decoder:,})")
-  assert 85e6 < encoder < 87e6  # ViT-B/16 without the class token and head
+        f"bridge {size(shapes['bridge']):,}, decoder {decoder:,}; trained {count - 768:,})")
+  # DP-Cap's mae_vit_base_patch16_autoregressive_nobias: timm's ViT-B/16 without head, position
+  # table (197 x 768, fixed) and qkv biases (12 x 3 x 768), its class token frozen.
+  assert encoder == 86_567_656 - 769_000 - 197 * 768 - 12 * 3 * 768
   attention = shapes["vit"]["block0"]["attention"]
   assert "bias" not in attention["query"] and "bias" in attention["out"]  # qkv_bias=False
+  assert shapes["vit"]["frozen_cls_token"].shape == (768,)
+  assert shapes["bridge"]["bias"].shape == (768,) and size(shapes["bridge"]) == 768 * 769
+  # The decoder: token embedding, 6 post-LN blocks (8 bias-free d x d maps, MLP, 3 norms), no
+  # final norm, no position table (fixed sin-cos), a head of LayerNorm + linear with bias.
+  d, vocab = 768, 30_522
+  assert decoder == vocab * d + 6 * (8 * d * d + 2 * d * 3072 + 6 * d) + 2 * d + d * vocab + vocab
+  assert {"norm", "pos_embedding"}.isdisjoint(shapes["text"])
   assert shapes["text"]["head"]["kernel"].shape == (768, 30_522)
-  assert shapes["text"]["pos_embedding"].shape == (39, 768)
-  assert 150e6 < count < 200e6
+  assert shapes["text"]["head"]["bias"].shape == (30_522,) and "head_norm" in shapes["text"]
+  frozen = objectives.frozen_mask(objective, shapes)
+  assert [jax.tree_util.keystr(p) for p, f in jax.tree_util.tree_leaves_with_path(frozen)
+          if f] == ["['vit']['frozen_cls_token']"]
   example = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), objective.example_spec)
   assert example["image"].shape == (224, 224, 3) and example["tokens"].shape == (40,)
+  memory = jax.eval_shape(functools.partial(objective.model.apply,
+                                            method=objective.model.encode_images),
+                          {"params": shapes}, example["image"][None])
+  assert memory.shape == (1, 1 + 196, 768)  # the class token, then the patches
   loss = jax.eval_shape(objective.per_example_loss, shapes, example, jax.random.key(0))
   assert loss.shape == () and loss.dtype == jnp.float32
+
+
+def test_the_optimizer_keeps_a_frozen_class_token(dpcap_config):
+  config = dpcap_config()
+  config.model.encoder.cls_token = "frozen"
+  objective = build_objective(config)
+  assert objective.frozen(("vit", "frozen_cls_token"))
+  assert not objective.frozen(("vit", "embedding", "kernel"))
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                        jax.eval_shape(objective.init, jax.random.key(0)))
+  inner = optax.adamw(0.1, weight_decay=0.5)  # decay "all", as the papers
+  optimizer = objectives.keep_frozen(inner, objective)
+  state = optimizer.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(inner.init(params))  # same checkpoints
+  noisy = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)  # e.g. DP noise on every leaf
+
+  @jax.jit
+  def step(params, state):
+    updates, state = optimizer.update(noisy, state, params)
+    return optax.apply_updates(params, updates), state
+
+  new, state = step(*step(params, state))
+  np.testing.assert_array_equal(new["vit"]["frozen_cls_token"], params["vit"]["frozen_cls_token"])
+  moments = [x for p, x in jax.tree_util.tree_leaves_with_path(state)
+             if "frozen_cls_token" in jax.tree_util.keystr(p)]
+  assert moments and not any(np.any(np.asarray(m)) for m in moments)  # Adam never saw it
+  assert np.all(np.asarray(new["vit"]["embedding"]["kernel"]) < 1)  # the rest does train
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("model.encoder.cls_token", "mean", r"encoder.cls_token='mean' is unknown"),
+    ("model.encoder.dense_init", "he", r"encoder.dense_init='he' is unknown"),
+    ("model.decoder.layout", "sandwich", r"decoder.layout='sandwich' is unknown"),
+    ("model.decoder.posemb", "sincos2d", r"decoder.posemb='sincos2d' is unknown"),
+    ("model.decoder.gelu", "relu", r"decoder.gelu='relu' is unknown"),
+    ("model.memory_posemb", "learn", r"config.model.memory_posemb='learn' is unknown"),
+    ("model.bridge_bias", "yes", r"config.model.bridge_bias must be True or False"),
+])
+def test_layout_options_are_checked_at_build(dpcap_config, field, value, match):
+  config = dpcap_config()
+  *parents, name = field.split(".")
+  section = config
+  for parent in parents:
+    section = section[parent]
+  with section.ignore_type():
+    section[name] = value
+  with raises_config_error(match):
+    build_objective(config)

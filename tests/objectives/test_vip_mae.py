@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from configs import vip_tiny
+from dpvl import objectives
 from dpvl import optim
 from dpvl import train
 from dpvl.data import sources
 from dpvl.objectives import build_objective
 from dpvl.objectives import vip_mae
 from dpvl.privacy import plan as plan_lib
+from tests.helpers import raises_config_error
 
 
 def small_vip_config():
@@ -149,3 +151,42 @@ def test_paper_config_accounts_like_the_paper():
   assert summary["accountant"] == "rdp" and summary["epsilon_planned"] == summary["epsilon_rdp"]
   assert summary["epsilon_rdp"] == pytest.approx(7.996, abs=1e-3)
   build_objective(config)  # the ViT-B/16 MAE builds from the config
+
+
+def _timm_block(width: int, mlp: int, qkv_bias: bool = True) -> int:
+  """Parameters of one timm `Block`: 2 LayerNorms, qkv, proj, fc1, fc2 (biases but qkv's)."""
+  return (4 * width + 3 * width * width + (3 * width if qkv_bias else 0) + width * width + width
+          + 2 * width * mlp + mlp + width)
+
+
+# timm's vit_base_patch16_224 less its classifier head (768 x 1,000 + 1,000) and position table
+# (197 x 768, fixed sin-cos in MAE, a constant here): patch embedding, cls, 12 blocks, norm.
+VIT_B16 = 86_567_656 - 769_000 - 197 * 768
+
+
+def test_paper_mae_builds_at_full_size():
+  from configs import vip_laion233m
+  objective = build_objective(vip_laion233m.get_config())
+  shapes = jax.eval_shape(objective.init, jax.random.key(0))  # nothing is allocated
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  encoder = size(shapes["vit"])
+  decoder = size(shapes) - encoder
+  print(f"ViP paper MAE: {size(shapes):,} parameters (ViT-B/16 {encoder:,}, decoder {decoder:,})")
+  assert encoder == VIT_B16 == 16 * 16 * 3 * 768 + 768 + 768 + 12 * _timm_block(768, 3072) + 1536
+  # MAE's mae_vit_base_patch16_dec512d4b decoder: decoder_embed, mask token, 4 blocks, norm, pred.
+  assert decoder == 768 * 512 + 512 + 512 + 4 * _timm_block(512, 2048) + 1024 + 512 * 768 + 768
+  assert shapes["vit"]["cls_token"].shape == (768,)  # learnt, carried through the decoder
+  assert not any(jax.tree.leaves(objectives.frozen_mask(objective, shapes)))
+  example = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), objective.example_spec)
+  keep = jnp.zeros((1, vip_mae.num_visible(196, 0.75)), jnp.int32)
+  pred = jax.eval_shape(objective.model.apply, {"params": shapes}, example["image"][None], keep)
+  assert pred.shape == (1, 196, 16 * 16 * 3)  # every patch, not the class token
+  loss = jax.eval_shape(objective.per_example_loss, shapes, example, jax.random.key(0))
+  assert loss.shape == () and loss.dtype == jnp.float32
+
+
+def test_the_decoder_options_are_checked_at_build():
+  config = small_vip_config()
+  config.model.decoder.gelu = "relu"
+  with raises_config_error(r"config.model.decoder.gelu='relu' is unknown; use 'tanh' or 'exact'"):
+    build_objective(config)
