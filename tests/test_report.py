@@ -24,8 +24,8 @@ PER_RUN_PLOTS = ("loss_vs_step.png", "epsilon_vs_step.png", "eval_probe_vs_step.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Two real runs of the small DP-Cap config, 4 steps, a small linear probe and two sample
-  captions at steps 0, 2 and 4: {name: workdir}. Their epsilons differ by delta (1/N and 1e-7), not sigma: the
-  step's noise std is compiled in, so one sigma compiles the step once for both runs."""
+  captions at steps 0, 2 and 4: {name: workdir}. Their epsilons differ by delta (1/N and
+  1e-7), not sigma: the step's noise std is compiled in, so one sigma compiles it once."""
   root = tmp_path_factory.mktemp("runs")
   workdirs = {}
   for name, delta, seed in (("run_a", None, 1), ("run_b", 1e-7, 2)):
