@@ -41,7 +41,7 @@ from dpvl.data import sources
 from dpvl.data import tokenizers
 from dpvl.data import transforms
 from dpvl.evaluate.linear_probe import load_images
-from dpvl.evaluate.linear_probe import load_labelled
+from dpvl.evaluate.zero_shot import load_classes
 from dpvl.models.captioner import Captioner
 from dpvl.objectives import dpcap
 
@@ -152,14 +152,7 @@ def build_zero_shot(config, name: str, objective):
   if not class_names or any("{}" not in t for t in templates):
     raise ConfigError(f"config.evals.{name} needs class_names and templates with '{{}}'.")
   tokenizer = tokenizers.build_tokenizer(get_field(config, "tokenizer"))
-  try:
-    images, labels, skipped = load_labelled(sources.build_source(field("data")),
-                                            int(field("size")), objective.image_size,
-                                            field("label_key", "label"), f"{name}: images")
-  except ValueError as e:
-    raise ConfigError(f"config.evals.{name}.data: {e}") from None
-  if labels.min() < 0 or labels.max() >= len(class_names):
-    raise ConfigError(f"config.evals.{name}: labels must index class_names.")
+  images, labels, skipped = load_classes(config, name, objective, len(class_names))
   prompts = np.stack([tokenizer.encode(t.format(c)) for c in class_names for t in templates])
   score = caption_scorer(objective, tokenizer, int(field("batch_size", 512)),
                          f"{name}: prompt losses")

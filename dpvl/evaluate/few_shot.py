@@ -37,6 +37,7 @@ from dpvl.config import get_field
 from dpvl.data import sources
 from dpvl.evaluate.linear_probe import chunked
 from dpvl.evaluate.linear_probe import encoder_features
+from dpvl.evaluate.linear_probe import feature_blocks
 from dpvl.evaluate.linear_probe import load_labelled
 
 
@@ -187,11 +188,7 @@ def build(config, name: str, objective):
       [0, num_classes), or a class with fewer than max(shots) records in the pool.
   """
   field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
-  k = int(field("blocks", 0))
-  depth = int(config.model.encoder.depth)
-  if not 0 <= k <= depth:
-    raise ConfigError(f"config.evals.{name}.blocks={k} must be in [0, {depth}] "
-                      "(config.model.encoder.depth).")
+  k = feature_blocks(config, name)
   shots = sorted({int(s) for s in field("shots", (1, 2, 5, 10))})
   seeds = field("seeds", 3)
   seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]

@@ -204,6 +204,17 @@ def chunked(fn, chunk: int = 256, desc: str = "features"):
   return apply
 
 
+def feature_blocks(config, name: str) -> int:
+  """`config.evals.<name>.blocks` (default 0: the last block only), checked against the
+  encoder's depth."""
+  k = int(get_field(config, f"evals.{name}.blocks", 0))
+  depth = int(config.model.encoder.depth)
+  if not 0 <= k <= depth:
+    raise ConfigError(f"config.evals.{name}.blocks={k} must be in [0, {depth}] "
+                      "(config.model.encoder.depth).")
+  return k
+
+
 def build(config, name: str, objective):
   """params -> {top1, train_top1, skipped}: the probe of `config.evals.<name>`.
 
@@ -222,11 +233,7 @@ def build(config, name: str, objective):
       [0, num_classes).
   """
   field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
-  k = int(field("blocks", 0))
-  depth = int(config.model.encoder.depth)
-  if not 0 <= k <= depth:
-    raise ConfigError(f"config.evals.{name}.blocks={k} must be in [0, {depth}] "
-                      "(config.model.encoder.depth).")
+  k = feature_blocks(config, name)
   n_train, n_test = int(field("train_size")), int(field("test_size"))
   if n_train < 1 or n_test < 1:
     raise ConfigError(f"config.evals.{name}.train_size and test_size must be positive.")

@@ -39,6 +39,21 @@ def class_embeddings(text_embeddings: np.ndarray, num_classes: int) -> jax.Array
   return l2_normalize(jnp.mean(per_class, axis=1))
 
 
+def load_classes(config, name: str, objective, num_classes: int):
+  """(images, labels, skipped) of `config.evals.<name>.data` (`size` records, labels under
+  `label_key`); ConfigError for data that cannot be read or labels outside the classes."""
+  field = lambda f, *d: get_field(config, f"evals.{name}.{f}", *d)
+  try:
+    images, labels, skipped = load_labelled(sources.build_source(field("data")),
+                                            int(field("size")), objective.image_size,
+                                            field("label_key", "label"), f"{name}: images")
+  except ValueError as e:
+    raise ConfigError(f"config.evals.{name}.data: {e}") from None
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ConfigError(f"config.evals.{name}: labels must index class_names.")
+  return images, labels, skipped
+
+
 def build(config, name: str, objective):
   """params -> {top1, chance, skipped}: zero-shot accuracy of `config.evals.<name>`.
 
@@ -61,14 +76,7 @@ def build(config, name: str, objective):
   if not class_names or not templates or any("{}" not in t for t in templates):
     raise ConfigError(f"config.evals.{name} needs class_names and templates with '{{}}'.")
   embed_images, embed_texts = image_and_text_embedders(objective, name)
-  try:
-    images, labels, skipped = load_labelled(sources.build_source(field("data")),
-                                            int(field("size")), objective.image_size,
-                                            field("label_key", "label"), f"{name}: images")
-  except ValueError as e:
-    raise ConfigError(f"config.evals.{name}.data: {e}") from None
-  if labels.min() < 0 or labels.max() >= len(class_names):
-    raise ConfigError(f"config.evals.{name}: labels must index class_names.")
+  images, labels, skipped = load_classes(config, name, objective, len(class_names))
   prompts = np.stack([objective.tokenize(t.format(c)) for c in class_names for t in templates])
 
   def evaluate(params):
