@@ -230,7 +230,7 @@ def select_and_load(sampler: sampling.PoissonSampler, plan: plan_lib.PrivacyPlan
   """
   selection = plan.mechanism.arrange(sampler.select(step), salt=group_salt, step=step,
                                      microbatch_size=plan.microbatch_size)
-  return selection, loader.load(selection)
+  return selection, loader.load(selection, step)
 
 
 def save(ckpt: checkpoint_lib.Checkpointer, ledger: ledger_lib.Ledger, state,
@@ -524,7 +524,9 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
   block, blocks = mesh_lib.host_block(setup.mesh, plan.microbatch_size)
   loader = loader_lib.BatchLoader(setup.source, objective.prepare, objective.example_spec,
                                   plan.num_microbatches, plan.microbatch_size,
-                                  processes=training.data_workers, host=block, num_hosts=blocks)
+                                  processes=training.data_workers, host=block, num_hosts=blocks,
+                                  augment=loader_lib.augmentation(config.data,
+                                                                  objective.image_size))
   stream = stream_lib.BatchStream(
       functools.partial(select_and_load, sampler, plan, opening.secrets.group_salt(segment),
                         loader), start, plan.steps)

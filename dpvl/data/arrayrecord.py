@@ -55,7 +55,7 @@ class ArrayRecordSource:
   shard that cannot be opened makes its records `missing_shard`.
   """
 
-  def __init__(self, directory: str, image_size: int, crop: str = "center", seed: int = 0):
+  def __init__(self, directory: str, image_size: int, crop: str = "center"):
     if crop not in records.CROPS:
       raise config_lib.ConfigError(f"data.crop must be one of {records.CROPS}, got {crop!r}.")
     index = read_index(directory)
@@ -73,7 +73,7 @@ class ArrayRecordSource:
     self.rejected = dict(index.get("rejected", {}))
     self._source = grain.sources.ArrayRecordDataSource(
         [_FileInstruction(f, 0, s["records"], s["records"]) for f, s in zip(self._files, shards)])
-    self._size, self._crop, self._seed = int(image_size), crop, int(seed)
+    self._size, self._crop = int(image_size), crop
 
   def __len__(self) -> int:
     return self._n
@@ -87,7 +87,7 @@ class ArrayRecordSource:
       if not epath.Path(shard).exists():
         raise errors.BadRecord(errors.MISSING_SHARD, shard) from None
       raise errors.BadRecord(errors.UNREADABLE_RECORD, f"{type(e).__name__}") from None
-    return records.decode(records.unpack(blob), index, self._size, self._crop, self._seed)
+    return records.decode(records.unpack(blob), index, self._size, self._crop)
 
   def __repr__(self) -> str:
     return (f"ArrayRecordSource({len(self._files)} shards, {self._n} records, "

@@ -3,7 +3,9 @@
 Records are read from any random-access source (grain's `RandomAccessDataSource` protocol:
 `__len__`, `__getitem__`) in a thread pool or, with `processes > 0`, in worker processes
 (spawned; each gets the source once, by cloudpickle: image decoding runs there), then prepared
-by the objective in the thread pool. `stream.BatchStream` loads the next step's batch while
+by the objective in the thread pool; with an augmentation (`data.crop = "random_resized"`,
+`augmentation`), each image is cropped afresh for the step it is drawn at, seeded by (data seed,
+record, step). `stream.BatchStream` loads the next step's batch while
 the device runs the current one.
 
 A record that cannot be read or prepared is skipped and counted by reason (`errors.BadRecord`
@@ -22,7 +24,9 @@ import cloudpickle
 import jax
 import numpy as np
 
+from dpvl import config as config_lib
 from dpvl.data import errors
+from dpvl.data import transforms
 from dpvl.parallel import mesh as mesh_lib
 
 
@@ -43,6 +47,29 @@ class Batch:
   examples: dict          # name -> np.ndarray [num_microbatches, microbatch_size, ...]
   mask: np.ndarray        # bool [num_microbatches, microbatch_size]
   skipped: collections.Counter  # reason -> count
+
+
+def augmentation(data_cfg, image_size: int) -> transforms.Augmentation | None:
+  """The per-draw augmentation `config.data` asks for: RandomResizedCrop (`data.crop_scale`,
+  default (0.2, 1)) and a horizontal flip (`data.flip`, default True) when `data.crop` is
+  "random_resized"; None (records used as they are) for "center"."""
+  field = lambda name, default=None: config_lib.get_field(data_cfg, name, default)
+  if field("crop", "center") != "random_resized":
+    return None
+  try:
+    return transforms.Augmentation(image_size, int(field("seed", 0)),
+                                   tuple(field("crop_scale", (0.2, 1.0))),
+                                   bool(field("flip", True)))
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
+def augment_record(augment, record, index: int, step: int):
+  """`record` with its image drawn for `step` by `augment` (unchanged when `augment` is None);
+  `index` is the record's index in its source."""
+  if augment is None:
+    return record
+  return {**record, "image": augment(record["image"], index, step)}
 
 
 def read_record(source, index: int):
@@ -85,12 +112,14 @@ class BatchLoader:
   def __init__(self, source, prepare: Callable[[Mapping[str, Any]], Mapping[str, Any]],
                example_spec: Mapping[str, jax.ShapeDtypeStruct], num_microbatches: int,
                microbatch_size: int, workers: int = 4, processes: int = 0, host: int = 0,
-               num_hosts: int = 1):
-    """With `num_hosts` > 1, `load` reads only host `host`'s share of each selection
+               num_hosts: int = 1, augment: transforms.Augmentation | None = None):
+    """`augment` (`augmentation`) redraws each image for the step it is loaded at, before
+    `prepare`. With `num_hosts` > 1, `load` reads only host `host`'s share of each selection
     (`mesh.host_slots`) and returns it shaped [num_microbatches, microbatch_size /
     num_hosts, ...]: the rows of the global batch that this host's devices hold."""
     self._source = source
     self._prepare = prepare
+    self._augment = augment
     self._spec = example_spec
     self._capacity = num_microbatches * microbatch_size
     self._slots = mesh_lib.host_slots(num_microbatches, microbatch_size, host, num_hosts)
@@ -102,16 +131,19 @@ class BatchLoader:
           processes, mp_context=multiprocessing.get_context("spawn"),
           initializer=_init_worker, initargs=(cloudpickle.dumps(source),))
 
-  def _examples(self, indices: np.ndarray):
-    prepare = lambda read: prepare_record(self._prepare, read)
+  def _examples(self, indices: np.ndarray, step: int):
+    draw = lambda index: lambda record: self._prepare(
+        augment_record(self._augment, record, index, step))
+    prepare = lambda index, read: prepare_record(draw(index), read)
     if self._processes is None:
-      return self._threads.map(lambda i: prepare(read_record(self._source, i)), indices)
+      return self._threads.map(lambda i: prepare(i, read_record(self._source, i)), indices)
     reads = self._processes.map(_worker_read, indices.tolist(),
                                 chunksize=max(1, len(indices) // self._chunks))
-    return self._threads.map(prepare, reads)
+    return self._threads.map(prepare, indices, reads)
 
-  def load(self, selection: Selection) -> Batch:
-    """The padded batch of `selection` (this host's share), [num_microbatches, width, ...]."""
+  def load(self, selection: Selection, step: int = 0) -> Batch:
+    """The padded batch of `selection` (this host's share), [num_microbatches, width, ...],
+    its images drawn for `step`."""
     if selection.mask.size != self._capacity:
       raise ValueError(f"selection has {selection.mask.size} slots, the batch "
                        f"{self._capacity}.")
@@ -121,7 +153,7 @@ class BatchLoader:
                 for name, s in self._spec.items()}
     skipped = collections.Counter()
     slots = np.flatnonzero(mask)
-    for slot, (example, reason) in zip(slots, self._examples(indices[slots])):
+    for slot, (example, reason) in zip(slots, self._examples(indices[slots], step)):
       if reason is not None:
         mask[slot] = False
         skipped[reason] += 1

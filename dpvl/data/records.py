@@ -9,7 +9,6 @@
 import json
 
 import msgpack
-import numpy as np
 
 from dpvl.data import errors
 from dpvl.data import transforms
@@ -34,21 +33,21 @@ def check_parts(parts: dict) -> None:
     raise errors.BadRecord(errors.MISSING_CAPTION)
 
 
-def decode(parts: dict, index: int, image_size: int, crop: str = "center",
-           seed: int = 0) -> dict:
+def decode(parts: dict, index: int, image_size: int, crop: str = "center") -> dict:
   """The record of raw members `parts`; raises BadRecord with the reason it is unusable.
 
   Args:
     parts: raw members by extension (bytes), and `__key__` when known.
-    index: the record's index in its source; stored in the record and seeds its crop.
-    image_size: S, the side of the output image in pixels.
-    crop: "center" (shorter side to `image_size`, centre crop) or "random_resized" (seeded by
-      (seed, index): a function of this record only).
-    seed: the run's data seed for "random_resized" crops; unused by "center".
+    index: the record's index in its source; stored in the record.
+    image_size: S, the side of the model's images in pixels.
+    crop: "center" (shorter side to S, centre crop) or "random_resized" (the whole image, its
+      shorter side between S and 2S: the loader crops it afresh at every draw,
+      `transforms.Augmentation`).
 
   Returns:
-    {`image`: uint8 [S, S, 3], `caption`: clean str, `index`: int, `key`: str}, plus `json`
-    (the parsed metadata, or None if it does not parse) when `parts` has a json member.
+    {`image`: uint8 [S, S, 3] (or [H, W, 3] for "random_resized"), `caption`: clean str,
+    `index`: int, `key`: str}, plus `json` (the parsed metadata, or None if it does not
+    parse) when `parts` has a json member.
 
   Raises:
     errors.BadRecord: with the reason the record is unusable (missing or corrupt image,
@@ -61,8 +60,7 @@ def decode(parts: dict, index: int, image_size: int, crop: str = "center",
   if crop == "center":
     image = transforms.resize_center_crop(image, image_size)
   elif crop == "random_resized":
-    rng = np.random.default_rng([seed, index])
-    image = transforms.random_resized_crop(image, image_size, rng)
+    image = transforms.resize_shorter_side(image, image_size, 2 * image_size)
   else:
     raise ValueError(f"crop must be one of {CROPS}, got {crop!r}.")
   record = dict(image=image, caption=caption, index=int(index), key=parts.get("__key__", ""))

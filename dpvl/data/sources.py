@@ -11,8 +11,9 @@ A source is anything with `__len__` and `__getitem__(index) -> record dict` (gra
 * `tfds`: a prepared TFDS dataset, labelled (`data.name`, `data.split`, `data.data_dir`,
   `data.manual_dir`), for probes; needs tensorflow-datasets.
 
-File sources decode images to `data.image_size` with `data.crop` ("center" or
-"random_resized", seeded by (data.seed, index)). See docs/data.md.
+File sources decode images to `data.image_size` with `data.crop`: "center", or
+"random_resized" (the whole image: the loader crops it afresh at every draw,
+`loader.augmentation`). See docs/data.md.
 """
 
 from dpvl import config as config_lib
@@ -58,14 +59,14 @@ def _procedural(cfg):
 def _webdataset(cfg):
   from dpvl.data import webdataset  # pylint: disable=g-import-not-at-top
   return webdataset.WebDatasetSource(_required(cfg, "path"), _given(cfg, "image_size"),
-                                     _option(cfg, "crop", "center"), _option(cfg, "seed", 0),
+                                     _option(cfg, "crop", "center"),
                                      _option(cfg, "index_cache") or None)
 
 
 def _array_record(cfg):
   from dpvl.data import arrayrecord  # pylint: disable=g-import-not-at-top
   return arrayrecord.ArrayRecordSource(_required(cfg, "path"), _given(cfg, "image_size"),
-                                       _option(cfg, "crop", "center"), _option(cfg, "seed", 0))
+                                       _option(cfg, "crop", "center"))
 
 
 def _tfds(cfg):

@@ -1,6 +1,7 @@
 """Host-side example transforms with fixed public constants (nothing is fit on private data):
-image decoding, crops, normalisation, caption cleaning."""
+image decoding, crops, per-draw augmentation, normalisation, caption cleaning."""
 
+import dataclasses
 import io
 import math
 import re
@@ -11,22 +12,36 @@ from PIL import Image
 
 from dpvl.data import errors
 
-MEAN, STD = 0.5, 0.5  # per channel, on [0, 1] pixels: maps [0, 255] to [-1, 1]
+# (mean, std) per channel on [0, 1] pixels, by `config.data.normalization`: "half" maps
+# [0, 255] to [-1, 1]; "imagenet" is torchvision's ImageNet statistics (ViP, DP-Cap).
+NORMALIZATIONS = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-  """uint8 [..., H, W, 3] -> float32 in [-1, 1]."""
+def check_normalization(name: str) -> str:
+  if name not in NORMALIZATIONS:
+    raise ValueError(f"data.normalization must be one of {sorted(NORMALIZATIONS)}, got "
+                     f"{name!r}.")
+  return name
+
+
+def normalize_image(image: np.ndarray, normalization: str = "half") -> np.ndarray:
+  """uint8 [..., H, W, 3] -> float32, (pixel / 255 - mean) / std per channel."""
   image = np.asarray(image)
   if image.ndim < 3 or image.shape[-1] != 3:
     raise ValueError(f"expected an [H, W, 3] image, got shape {image.shape}.")
   if image.dtype != np.uint8:
     raise ValueError(f"expected a uint8 image, got {image.dtype}.")
-  return ((image.astype(np.float32) / 255.0) - MEAN) / STD
+  mean, std = (np.asarray(v, np.float32) for v in NORMALIZATIONS[check_normalization(
+      normalization)])
+  return (image.astype(np.float32) / 255.0 - mean) / std
 
 
-def model_image(image: np.ndarray, size: int) -> np.ndarray:
+def model_image(image: np.ndarray, size: int, normalization: str = "half") -> np.ndarray:
   """A record's uint8 image as a model input: normalised, checked to be [size, size, 3]."""
-  image = normalize_image(image)
+  image = normalize_image(image, normalization)
   if image.shape != (size, size, 3):
     raise ValueError(f"expected a [{size}, {size}, 3] image (config.data.image_size), got "
                      f"shape {image.shape}.")
@@ -44,6 +59,18 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
   top, left = (nh - size) // 2, (nw - size) // 2
   return resized[top:top + size, left:left + size]
+
+
+def resize_shorter_side(image: np.ndarray, low: int, high: int) -> np.ndarray:
+  """uint8 [H, W, 3] with its shorter side brought into [low, high] (bicubic; aspect kept)."""
+  image = np.asarray(image)
+  short = min(image.shape[:2])
+  if low <= short <= high:
+    return image
+  scale = (low if short < low else high) / short
+  h, w = image.shape[:2]
+  size = (max(1, round(w * scale)), max(1, round(h * scale)))
+  return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
 
 
 def decode_image(data: bytes, min_size: int | None = None) -> np.ndarray:
@@ -72,8 +99,7 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
   """uint8 [H, W, 3] -> uint8 [size, size, 3]: a random box of `scale` of the area and aspect
   `ratio` (log-uniform), resized (bicubic); the centre crop if 10 draws find no box.
 
-  The randomness comes from `rng` only; seed it from (seed, record index): the crop of a record
-  then depends on that record alone, as per-example privacy needs.
+  The randomness comes from `rng` only (`Augmentation` seeds it by (seed, record, step)).
 
   Args:
     image: uint8 [H, W, 3].
@@ -97,6 +123,39 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
       box = image[top:top + ch, left:left + cw]
       return np.asarray(Image.fromarray(box).resize((size, size), Image.BICUBIC))
   return resize_center_crop(image, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """RandomResizedCrop (bicubic) and a horizontal flip, fresh at every draw of a record.
+
+  The randomness of a draw is a function of (seed, record index, step) alone: a record's crop
+  depends on no other record, and a resumed run replays the very same pixels.
+
+  Attributes:
+    size: the side of the output image.
+    seed: the run's data seed (`config.data.seed`).
+    scale: (min, max) share of the image's area the crop covers.
+    flip: whether to flip left-right with probability 1/2.
+  """
+
+  size: int
+  seed: int = 0
+  scale: tuple[float, float] = (0.2, 1.0)
+  flip: bool = True
+
+  def __post_init__(self):
+    low, high = self.scale
+    if not 0 < low <= high <= 1:
+      raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {self.scale}.")
+
+  def __call__(self, image: np.ndarray, index: int, step: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: record `index`'s draw at `step`."""
+    rng = np.random.default_rng([self.seed, int(index), int(step)])
+    image = random_resized_crop(image, self.size, rng, scale=tuple(self.scale))
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return np.ascontiguousarray(image)
 
 
 _SPACE = re.compile(r"\s+")

@@ -183,10 +183,10 @@ def read_members(url: str, parts: dict) -> dict:
 class WebDatasetSource:
   """Random-access source (grain `RandomAccessDataSource` protocol) over indexed tar shards.
 
-  Record i: see `records.decode` (image resized and cropped to `image_size`).
+  Record i: see `records.decode` (image resized to `image_size`, cropped per `crop`).
   """
 
-  def __init__(self, shards, image_size: int, crop: str = "center", seed: int = 0,
+  def __init__(self, shards, image_size: int, crop: str = "center",
                index_cache: str | None = None):
     urls = expand_shards(shards)
     if not urls:
@@ -210,7 +210,7 @@ class WebDatasetSource:
       raise config_lib.ConfigError(
           f"data.path={shards!r} holds no complete record ({len(urls)} shards listed, "
           f"{len(self.missing_shards)} missing, rejected {dict(self.rejected)}).")
-    self._size, self._crop, self._seed = int(image_size), crop, int(seed)
+    self._size, self._crop = int(image_size), crop
 
   def __len__(self) -> int:
     return len(self._parts)
@@ -220,7 +220,7 @@ class WebDatasetSource:
     key, where = self._parts[index]
     parts = read_members(self._urls[self._shard[index]], where)
     parts["__key__"] = key
-    return records.decode(parts, index, self._size, self._crop, self._seed)
+    return records.decode(parts, index, self._size, self._crop)
 
   def __repr__(self) -> str:
     return (f"WebDatasetSource({len(self._urls)} shards, {len(self)} records, "

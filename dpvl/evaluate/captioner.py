@@ -171,7 +171,7 @@ def _bad(reason: str, detail: str = ""):
   return errors.BadRecord(reason, detail)
 
 
-def _read_item(item, root: epath.Path, image_size: int):
+def _read_item(item, root: epath.Path, image_size: int, normalize):
   """(normalised image [S, S, 3], captions, label) of one item; BadRecord naming the reason."""
   if not isinstance(item, dict) or not {"image", "captions", "label"} <= set(item):
     raise _bad("bad_item", "an item needs image, captions and label")
@@ -200,11 +200,12 @@ def _read_item(item, root: epath.Path, image_size: int):
     image = image[max(y, 0):y + h, max(x, 0):x + w]
     if min(image.shape[:2]) < 1:
       raise _bad("bad_box", f"box {box!r} holds no pixel of the image")
-  image = transforms.normalize_image(transforms.resize_center_crop(image, image_size))
+  image = normalize(transforms.resize_center_crop(image, image_size))
   return image, captions, int(label)
 
 
-def load_order_items(path: str, image_size: int, desc: str = "items"):
+def load_order_items(path: str, image_size: int, desc: str = "items",
+                     normalize=transforms.normalize_image):
   """The usable items of an ARO-style JSON file, and the number skipped per reason.
 
   Args:
@@ -212,9 +213,10 @@ def load_order_items(path: str, image_size: int, desc: str = "items"):
     image_size: S; images are cropped to `box` if given, then resized (shorter side) and
       centre-cropped to S.
     desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
+    normalize: uint8 image -> model input (the objective's `normalize`).
 
   Returns:
-    (float32 images [n, S, S, 3] in [-1, 1], n lists of captions, int32 labels [n],
+    (float32 normalised images [n, S, S, 3], n lists of captions, int32 labels [n],
     {reason: items skipped}); reasons: bad_item, bad_captions, bad_label, bad_box,
     missing_image, corrupt_image.
 
@@ -231,7 +233,7 @@ def load_order_items(path: str, image_size: int, desc: str = "items"):
   images, captions, labels, skipped = [], [], [], {}
   for item in progress.track(items, desc=desc, unit="item"):
     try:
-      image, texts, label = _read_item(item, path.parent, image_size)
+      image, texts, label = _read_item(item, path.parent, image_size, normalize)
     except errors.BadRecord as e:
       skipped[e.reason] = skipped.get(e.reason, 0) + 1
     else:
@@ -268,7 +270,8 @@ def build_order(config, name: str, objective):
   tokenizer = tokenizers.build_tokenizer(get_field(config, "tokenizer"))
   try:
     images, captions, labels, skipped = load_order_items(str(field("path")),
-                                                         objective.image_size, f"{name}: items")
+                                                         objective.image_size, f"{name}: items",
+                                                         objective.normalize)
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.path: {e}") from None
   width = max(len(c) for c in captions)
@@ -324,7 +327,8 @@ def build_samples(config, name: str, objective):
   try:
     images, references, skipped = load_images(sources.build_source(field("data")),
                                                int(field("count", 8)), objective.image_size,
-                                               _reference, f"{name}: images")
+                                               _reference, f"{name}: images",
+                                               objective.normalize)
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   decode = jax.jit(functools.partial(

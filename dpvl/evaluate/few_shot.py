@@ -199,7 +199,8 @@ def build(config, name: str, objective):
   label_key, test_data = field("label_key", "label"), field("test_data", None)
   try:
     load = lambda data, count, what: load_labelled(
-        sources.build_source(data), count, objective.image_size, label_key, f"{name}: {what}")
+        sources.build_source(data), count, objective.image_size, label_key, f"{name}: {what}",
+        objective.normalize)
     if test_data is None:
       images, labels, skipped = load(field("data"), n_pool + n_test, "images")
       test_images, test_labels = images[n_pool:], labels[n_pool:]

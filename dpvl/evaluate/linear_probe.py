@@ -125,7 +125,7 @@ def encoder_features(tokens, blocks_out, k: int) -> jax.Array:
 
 
 def load_labelled(source, count: int, image_size: int, label_key: str = "label",
-                  desc: str = "records"):
+                  desc: str = "records", normalize=transforms.normalize_image):
   """The first `count` usable records as (normalised images [n, S, S, 3], labels [n]) and the
   number of records skipped per reason; reads further records to replace skipped ones.
 
@@ -135,19 +135,21 @@ def load_labelled(source, count: int, image_size: int, label_key: str = "label",
     image_size: S; images are resized (shorter side) and centre-cropped to it.
     label_key: the record's field holding the integer label.
     desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
+    normalize: uint8 image -> model input (the objective's `normalize`).
 
   Returns:
-    (float32 images [n, S, S, 3] in [-1, 1], int32 labels [n], {reason: records skipped}).
+    (float32 normalised images [n, S, S, 3], int32 labels [n], {reason: records skipped}).
 
   Raises:
     ValueError: if the source holds fewer than `count` usable records.
   """
   images, labels, skipped = load_images(source, count, image_size,
-                                        lambda record: int(record[label_key]), desc)
+                                        lambda record: int(record[label_key]), desc, normalize)
   return images, np.asarray(labels, np.int32), skipped
 
 
-def load_images(source, count: int, image_size: int, extract, desc: str = "records"):
+def load_images(source, count: int, image_size: int, extract, desc: str = "records",
+                normalize=transforms.normalize_image):
   """The first `count` usable records as (normalised images [n, S, S, 3], [extract(record)],
   skipped per reason); a record whose image or `extract` fails is skipped and replaced.
 
@@ -158,9 +160,10 @@ def load_images(source, count: int, image_size: int, extract, desc: str = "recor
     extract: record -> value kept beside its image. A KeyError, TypeError, ValueError or
       OSError (reading the record, `extract`, or its image) skips the record.
     desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
+    normalize: uint8 image -> model input (the objective's `normalize`).
 
   Returns:
-    (float32 images [n, S, S, 3] in [-1, 1], list of n extracted values,
+    (float32 normalised images [n, S, S, 3], list of n extracted values,
     {reason: records skipped}); a skip's reason is a BadRecord's or the exception's type name.
 
   Raises:
@@ -173,8 +176,7 @@ def load_images(source, count: int, image_size: int, extract, desc: str = "recor
       try:
         record = source[index]
         value = extract(record)
-        image = transforms.normalize_image(
-            transforms.resize_center_crop(record["image"], image_size))
+        image = normalize(transforms.resize_center_crop(record["image"], image_size))
       except (KeyError, TypeError, ValueError, OSError) as e:
         reason = getattr(e, "reason", type(e).__name__)  # a data-layer BadRecord names it
         skipped[reason] = skipped.get(reason, 0) + 1
@@ -240,7 +242,8 @@ def build(config, name: str, objective):
   try:
     source = sources.build_source(field("data"))
     images, labels, skipped = load_labelled(source, n_train + n_test, objective.image_size,
-                                            field("label_key", "label"), f"{name}: images")
+                                            field("label_key", "label"), f"{name}: images",
+                                            objective.normalize)
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   num_classes = int(field("num_classes", 0) or labels.max() + 1)

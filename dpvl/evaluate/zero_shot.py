@@ -46,7 +46,8 @@ def load_classes(config, name: str, objective, num_classes: int):
   try:
     images, labels, skipped = load_labelled(sources.build_source(field("data")),
                                             int(field("size")), objective.image_size,
-                                            field("label_key", "label"), f"{name}: images")
+                                            field("label_key", "label"), f"{name}: images",
+                                            objective.normalize)
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   if labels.min() < 0 or labels.max() >= num_classes:

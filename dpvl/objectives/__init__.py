@@ -18,6 +18,7 @@ import optax
 
 from dpvl import config as config_lib
 from dpvl import registry
+from dpvl.data import transforms
 from dpvl.models import vit
 from dpvl.privacy import contrastive
 
@@ -41,6 +42,8 @@ class Objective:
     encode: (params, images [B, H, W, 3] normalised) -> (tokens [B, T, D], list of every
       block's output): the image encoder's features, for evaluators (linear probe).
     image_size: side of the square images the encoder takes.
+    normalization: how `prepare` normalises images (`config.data.normalization`, a key of
+      `transforms.NORMALIZATIONS`); evaluators feed the encoder through `normalize`.
     tokenize: text -> int32 token ids [max_len], for evaluators that embed text.
     frozen: parameter path (its keys, e.g. ("vit", "frozen_cls_token")) -> whether the
       parameter keeps its initial value: the model reads it through `stop_gradient`, and the
@@ -55,8 +58,13 @@ class Objective:
   model: Any = None
   encode: Callable[[Any, jax.Array], Any] | None = None
   image_size: int | None = None
+  normalization: str = "half"
   tokenize: Callable[[str], Any] | None = None
   frozen: Callable[[tuple[str, ...]], bool] = vit.is_frozen
+
+  def normalize(self, images):
+    """uint8 images [..., H, W, 3] -> float32 model inputs, normalised as `prepare` does."""
+    return transforms.normalize_image(images, self.normalization)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,6 +120,16 @@ def keep_frozen(optimizer: optax.GradientTransformation,
 
 def _positive_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def normalization(config) -> str:
+  """`config.data.normalization`: "half" (the default) or "imagenet"
+  (`transforms.NORMALIZATIONS`); ConfigError for another name."""
+  name = config_lib.get_field(config, "data.normalization", "half")
+  try:
+    return transforms.check_normalization(name)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"config.{e}") from None
 
 
 def image_size(config) -> int:

@@ -101,6 +101,7 @@ def build(config) -> objectives.PerExampleObjective:
   tokenizer = tokenizers.build_tokenizer(config_lib.get_field(config, "tokenizer"))
   model = model_from_config(config, tokenizer.vocab_size)
   size, length = objectives.image_size(config), config.tokenizer.max_len
+  normalization = objectives.normalization(config)
   spec = dict(image=jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
               tokens=jax.ShapeDtypeStruct((length,), jnp.int32))
 
@@ -113,7 +114,7 @@ def build(config) -> objectives.PerExampleObjective:
     caption = record["caption"]
     if not isinstance(caption, (str, bytes)):
       raise ValueError(f"caption must be text, got {type(caption).__name__}.")
-    image = transforms.model_image(record["image"], size)
+    image = transforms.model_image(record["image"], size, normalization)
     return dict(image=image, tokens=tokenizer.encode(caption))
 
   def per_example_loss(params, example, rng):
@@ -126,7 +127,7 @@ def build(config) -> objectives.PerExampleObjective:
   return objectives.PerExampleObjective(
       name="dpcap", init=init, per_example_loss=per_example_loss, prepare=prepare,
       example_spec=spec, model=model, encode=vit_features(config.model.encoder, model.dtype),
-      image_size=size)
+      image_size=size, normalization=normalization)
 
 
 def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,
@@ -140,7 +141,7 @@ def greedy_decode(model: Captioner, params, images, max_len: int, bos_id: int,
   Args:
     model: the captioner.
     params: its parameters.
-    images: float [B, H, W, 3], normalised (`transforms.normalize_image`).
+    images: float [B, H, W, 3], normalised (`objective.normalize`).
     max_len: length of the output, BOS included.
     bos_id: the BOS token's id, the first token of every caption.
     eos_id: the EOS token's id; None decodes all `max_len - 1` tokens.
@@ -180,7 +181,7 @@ def caption_images(objective: objectives.Objective, params, images: np.ndarray,
     B captions, decoded by the tokenizer of `config.tokenizer` (up to `max_len` tokens).
   """
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
-  x = np.stack([transforms.normalize_image(im) for im in images])
+  x = objective.normalize(np.stack(images))
   decode = jax.jit(functools.partial(
       greedy_decode, objective.model, max_len=config.tokenizer.max_len,
       bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))

@@ -51,6 +51,7 @@ def build(config) -> objectives.ContrastiveObjective:
   image_tower, text_tower = towers(config, tokenizer)
   temperature = float(config.model.temperature)
   size, length = objectives.image_size(config), config.tokenizer.max_len
+  normalization = objectives.normalization(config)
   spec = dict(image=jax.ShapeDtypeStruct((size, size, 3), jnp.float32),
               tokens=jax.ShapeDtypeStruct((length,), jnp.int32))
 
@@ -64,7 +65,7 @@ def build(config) -> objectives.ContrastiveObjective:
     caption = record["caption"]
     if not isinstance(caption, (str, bytes)):
       raise ValueError(f"caption must be text, got {type(caption).__name__}.")
-    return dict(image=transforms.model_image(record["image"], size),
+    return dict(image=transforms.model_image(record["image"], size, normalization),
                 tokens=tokenizer.encode(caption))
 
   dual = contrastive.DualEncoder(
@@ -76,4 +77,4 @@ def build(config) -> objectives.ContrastiveObjective:
       name="dpclip", init=init, dual_encoder=dual, prepare=prepare, example_spec=spec,
       model=(image_tower, text_tower),
       encode=lambda params, images: vit_encode(params["image"], images), image_size=size,
-      tokenize=tokenizer.encode)
+      normalization=normalization, tokenize=tokenizer.encode)

@@ -80,6 +80,7 @@ def build(config) -> objectives.PerExampleObjective:
   num_patches = (size // p) ** 2
   visible = num_visible(num_patches, ratio)
   norm_pix = bool(config.model.get("norm_pix_loss", False))
+  normalization = objectives.normalization(config)
   spec = dict(image=jax.ShapeDtypeStruct((size, size, 3), jnp.float32))
 
   def init(rng):
@@ -87,7 +88,7 @@ def build(config) -> objectives.PerExampleObjective:
     return model.init(rng, images, jnp.zeros((1, visible), jnp.int32))["params"]
 
   def prepare(record):
-    image = transforms.model_image(record["image"], size)
+    image = transforms.model_image(record["image"], size, normalization)
     return dict(image=image)
 
   def per_example_loss(params, example, rng):
@@ -99,4 +100,4 @@ def build(config) -> objectives.PerExampleObjective:
   return objectives.PerExampleObjective(
       name="vip_mae", init=init, per_example_loss=per_example_loss, prepare=prepare,
       example_spec=spec, model=model, encode=vit_features(config.model.encoder, model.dtype),
-      image_size=size)
+      image_size=size, normalization=normalization)

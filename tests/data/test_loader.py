@@ -71,3 +71,46 @@ def test_each_host_loads_only_its_share_of_the_batch():
   np.testing.assert_array_equal(np.concatenate([s.examples["x"] for s in shares], 1),
                                 full.examples["x"])
   assert shares[0].skipped + shares[1].skipped == full.skipped
+
+
+class _ImageSource:
+  """Record i: a 40 x 48 image of random pixels seeded by i."""
+
+  def __len__(self):
+    return 10
+
+  def __getitem__(self, i):
+    return dict(image=np.random.default_rng(i).integers(0, 256, (40, 48, 3), np.uint8))
+
+
+def test_images_are_drawn_afresh_per_step_from_the_record_alone():
+  import jax
+  spec = dict(image=jax.ShapeDtypeStruct((16, 16, 3), np.uint8))
+  prepare = lambda record: dict(image=record["image"])
+  augment = loader.augmentation(dict(crop="random_resized", seed=5), 16)
+  assert augment.scale == (0.2, 1.0) and augment.flip
+  assert loader.augmentation(dict(crop="center"), 16) is None
+  make = lambda **kw: loader.BatchLoader(_ImageSource(), prepare, spec, 2, 2, augment=augment,
+                                         **kw)
+  one = types.SimpleNamespace(indices=np.array([4, 7, 1, 0]), mask=np.array([1, 1, 1, 0], bool))
+  other = types.SimpleNamespace(indices=np.array([7, 2, 9, 3]), mask=np.array([1, 1, 1, 1], bool))
+  threads, processes = make(), make(processes=2)
+  step3 = threads.load(one, step=3).examples["image"].reshape(4, 16, 16, 3)
+  np.testing.assert_array_equal(step3, threads.load(one, step=3).examples["image"].reshape(
+      4, 16, 16, 3))  # a replayed step reads the same pixels
+  np.testing.assert_array_equal(step3, processes.load(one, step=3).examples["image"].reshape(
+      4, 16, 16, 3))
+  processes.close()
+  step4 = threads.load(one, step=4).examples["image"].reshape(4, 16, 16, 3)
+  assert all(not np.array_equal(step3[i], step4[i]) for i in range(3))  # fresh each step
+  # Record 7's draw at step 3 is the same whatever else is in the batch, and where it sits.
+  beside_others = threads.load(other, step=3).examples["image"].reshape(4, 16, 16, 3)
+  np.testing.assert_array_equal(step3[1], beside_others[0])
+  np.testing.assert_array_equal(step3[1], augment(_ImageSource()[7]["image"], 7, 3))
+
+
+def test_augmentation_config_errors_are_config_errors():
+  import pytest
+  from dpvl import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match="crop_scale"):
+    loader.augmentation(dict(crop="random_resized", crop_scale=(0.5, 0.2)), 16)

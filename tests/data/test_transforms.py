@@ -14,6 +14,11 @@ def test_normalisation_is_fixed():
   out = transforms.normalize_image(image)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, [[[-1.0, 1.0, 127 / 127.5 - 1]]], rtol=1e-6)
+  imagenet = transforms.normalize_image(image, "imagenet")  # torchvision's ImageNet statistics
+  np.testing.assert_allclose(imagenet, [[[-0.485 / 0.229, (1 - 0.456) / 0.224,
+                                          (127 / 255 - 0.406) / 0.225]]], rtol=1e-6)
+  with pytest.raises(ValueError, match="normalization"):
+    transforms.normalize_image(image, "cifar")
   with pytest.raises(ValueError, match="uint8"):
     transforms.normalize_image(image.astype(np.float32))
   with pytest.raises(ValueError, match="shape"):
@@ -33,17 +38,42 @@ def test_decode_jpeg_and_png_and_name_corrupt_images():
     assert info.value.reason == "corrupt_image"
 
 
-def test_random_resized_crop_is_seeded_per_record():
+def test_augmentation_is_fresh_per_draw_and_a_function_of_seed_record_step():
   image = transforms.decode_image(webdata.jpeg(5, 60, 80))
-  crop = lambda seed, index: transforms.random_resized_crop(
-      image, 16, np.random.default_rng([seed, index]))
-  assert crop(0, 1).shape == (16, 16, 3) and crop(0, 1).dtype == np.uint8
-  np.testing.assert_array_equal(crop(0, 1), crop(0, 1))
-  assert not np.array_equal(crop(0, 1), crop(0, 2))
-  assert not np.array_equal(crop(0, 1), crop(1, 1))
+  augment = transforms.Augmentation(16, seed=3)
+  draw = lambda index, step, aug=augment: aug(image, index, step)
+  assert draw(1, 0).shape == (16, 16, 3) and draw(1, 0).dtype == np.uint8
+  np.testing.assert_array_equal(draw(1, 0), draw(1, 0))  # a replayed step: the same pixels
+  assert not np.array_equal(draw(1, 0), draw(1, 1))  # a new step: a new crop
+  assert not np.array_equal(draw(1, 0), draw(2, 0))
+  assert not np.array_equal(draw(1, 0), draw(1, 0, transforms.Augmentation(16, seed=4)))
+  with pytest.raises(ValueError, match="crop_scale"):
+    transforms.Augmentation(16, scale=(0.0, 1.0))
+
+
+def _coordinates(size: int) -> np.ndarray:
+  """uint8 [size, size, 3]: channel 0 holds x, channel 1 holds y."""
+  y, x = np.mgrid[:size, :size]
+  return np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8)
+
+
+def test_crop_boxes_cover_their_scale_and_half_the_draws_are_flipped():
+  image = _coordinates(100)
+  for seed in range(20):  # a quarter of the area, square: a 50 x 50 box, output unscaled
+    box = transforms.random_resized_crop(image, 50, np.random.default_rng(seed),
+                                         scale=(0.25, 0.25), ratio=(1.0, 1.0))
+    x, y = box[..., 0].astype(int), box[..., 1].astype(int)
+    assert (np.diff(x, axis=1) == 1).all() and (np.diff(y, axis=0) == 1).all()
+    assert 0 <= x.min() and x.max() < 100 and 0 <= y.min() and y.max() < 100
+  whole = transforms.Augmentation(100, seed=3, scale=(1.0, 1.0))
+  flipped = [whole(image, i, 0)[0, 0, 0] > whole(image, i, 0)[0, -1, 0] for i in range(400)]
+  assert 0.42 < np.mean(flipped) < 0.58  # 400 fair coins: 0.5 +- 0.025
+
+
+def test_records_for_random_resized_crops_keep_the_whole_image():
   parts = dict(jpg=webdata.jpeg(5, 60, 80), txt=b"x")
-  a = records.decode(parts, 7, 16, "random_resized", seed=3)["image"]
-  np.testing.assert_array_equal(a, records.decode(parts, 7, 16, "random_resized", 3)["image"])
+  whole = records.decode(parts, 7, 16, "random_resized")["image"]
+  assert 16 <= min(whole.shape[:2]) <= 32 and whole.shape[1] > whole.shape[0]  # aspect kept
   centre = records.decode(parts, 7, 16)["image"]
   np.testing.assert_array_equal(centre, transforms.resize_center_crop(
       transforms.decode_image(parts["jpg"], min_size=16), 16))
