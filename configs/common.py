@@ -18,7 +18,11 @@ def run(objective: str, steps: int, log_every: int = 10,
       log_every=log_every, checkpoint_every=checkpoint_every,
       # Log `private_data_diagnostics` (loss, batch size, clipping statistics computed on the
       # private data without noise); False when the run's logs leave the trust boundary.
-      log_private_diagnostics=True))
+      log_private_diagnostics=True,
+      # TAN simulation (Sander et al., 2023) for cheap tuning: batch_size B' > 0 trains at
+      # expected batch B' with sigma * B' / B and the same steps and learning rate, to predict
+      # the run at config.batch.expected_size = B. NO privacy guarantee (docs/privacy.md).
+      tan=dict(batch_size=0)))
 
 
 def scene_data(size: int, max_objects: int = 1) -> ml_collections.ConfigDict:

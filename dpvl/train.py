@@ -534,7 +534,13 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
 
   # --- Evals and metrics. -------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir, enabled=hosts.is_primary())
-  log(f"{'private' if plan.enabled else 'NON-PRIVATE'} run: N={plan.dataset_size} "
+  if plan.simulation:
+    log(f"{plan_lib.SIMULATION_WARNING} Reference run: expected batch "
+        f"{plan.simulation['reference_batch_size']}, sigma "
+        f"{plan.simulation['reference_noise_multiplier']:.4g}, epsilon "
+        f"{plan.simulation['reference_epsilon']} ({plan.simulation['reference_accountant']}).")
+  log(f"{'TAN SIMULATION' if plan.simulation else 'private' if plan.enabled else 'NON-PRIVATE'} "
+      f"run: N={plan.dataset_size} "
       f"q={plan.sampling_rate:.4g} sigma={plan.noise_multiplier:.4g} "
       + (f"sigma_loss={plan.loss_noise_multiplier:.4g} "
          f"loss_sensitivity={plan.loss_sensitivity:.4g} "

@@ -167,6 +167,22 @@ def test_non_private_baseline_runs_through_the_same_step(tmp_path, dpcap_config)
   assert all(np.isfinite(r["private_data_diagnostics"]["loss"]) for r in rows)
 
 
+def test_a_tan_simulation_trains_and_says_it_claims_nothing(tmp_path, dpcap_config):
+  config = dpcap_config()
+  config.steps = 3
+  config.tan = dict(batch_size=8)  # the reference run's batch is 32
+  logs = []
+  entry = train.run(config, str(tmp_path), log=logs.append)
+  assert entry["expected_batch_size"] == 8 and entry["noise_multiplier"] == 0.25
+  assert entry["epsilon_spent"] is None and entry["epsilon_planned"] is None
+  assert entry["simulation"]["reference_batch_size"] == 32
+  assert entry["simulation"]["reference_epsilon"] > 0
+  assert any("NO PRIVACY GUARANTEE" in line for line in logs)
+  on_disk = json.loads((tmp_path / "privacy.json").read_text())
+  assert "NO PRIVACY GUARANTEE" in on_disk["simulation"]["warning"]
+  assert all(r["epsilon"] is None for r in _read_jsonl(tmp_path / "metrics.jsonl"))
+
+
 def test_demo_loss_falls(tmp_path, dpcap_config):
   config = dpcap_config()
   config.steps = 40

@@ -321,6 +321,8 @@ def run(config, workdir: str, kind: str = "dirac", count: int | None = None,
   config_lib.check(kind in KINDS, f"--audit_kind={kind!r} is unknown; use one of {KINDS}.")
   train.check_settings(config)
   base_plan = plan_lib.build_plan(config)
+  config_lib.check(base_plan.simulation is None, "config.tan: a TAN simulation has no "
+                   "guarantee to audit; audit the reference run (config.tan.batch_size=0).")
   config_lib.check(base_plan.mechanism.name == "per_example",
                    f"the audit needs per-example clipping; config.privacy.mechanism="
                    f"{base_plan.mechanism.name!r} clips {base_plan.mechanism.takes}.")

@@ -286,7 +286,7 @@ class Ledger:
 
   def epsilon(self, accountant: str | None = None) -> float:
     """Epsilon spent by every released step (the plan's accountant unless named)."""
-    if not self.plan.enabled:
+    if not self.plan.guaranteed:
       return math.inf
     return accounting.epsilon(accountant or self.plan.accountant,
                               [r.segment for r in self.records()], self.plan.delta)

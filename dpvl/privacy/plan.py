@@ -19,6 +19,11 @@ from dpvl.privacy import accounting
 from dpvl.privacy import mechanism as mechanism_lib
 
 SAMPLING = "poisson"  # the sampler the accountants model (`dpvl.privacy.sampling`)
+SIMULATION_WARNING = (
+    "TAN SIMULATION (config.tan): NO PRIVACY GUARANTEE. This run trains at a smaller batch "
+    "with the noise scaled down to match the reference run's noise per averaged gradient; it "
+    "predicts the reference run's utility, and its parameters must not be released or used "
+    "to seed another run.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,10 @@ class PrivacyPlan:
   # The DP loss estimate (`config.privacy.loss_estimate`): None when the run releases none.
   loss_bound: float | None = None             # B_L, the largest loss of one record counted
   loss_noise_multiplier: float | None = None  # sigma_l = noise_ratio * sigma
+  # A TAN simulation (`config.tan`, `simulate`): the reference run it stands for
+  # (`reference_batch_size`, `reference_noise_multiplier`, `reference_epsilon`); the run
+  # itself then has no privacy guarantee. None for a real run.
+  simulation: dict | None = None
 
   @property
   def sampling_rate(self) -> float:
@@ -112,9 +121,15 @@ class PrivacyPlan:
     """The run's segments once `step` global steps are done."""
     return [*self.done, self.segment(step - self.start)]
 
+  @property
+  def guaranteed(self) -> bool:
+    """Whether the run has a privacy guarantee: private and not a TAN simulation."""
+    return self.enabled and self.simulation is None
+
   def epsilon(self, step: int, accountant: str | None = None) -> float:
-    """Epsilon spent once `step` global steps are done (plan's accountant unless named)."""
-    if not self.enabled:
+    """Epsilon spent once `step` global steps are done (plan's accountant unless named);
+    inf without a guarantee (a non-private run, a TAN simulation)."""
+    if not self.guaranteed:
       return math.inf
     return accounting.epsilon(accountant or self.accountant, self.segments(step), self.delta)
 
@@ -129,7 +144,8 @@ class PrivacyPlan:
                 target_epsilon=self.target_epsilon, configured_steps=self.configured_steps,
                 **(dict(loss_bound=self.loss_bound,
                         loss_noise_multiplier=self.loss_noise_multiplier)
-                   if self.loss_estimate else {}))
+                   if self.loss_estimate else {}),
+                **(dict(simulation=self.simulation) if self.simulation else {}))
 
   def summary(self) -> dict:
     """What `--mode=account` prints: the plan and the epsilon of the whole run."""
@@ -166,6 +182,8 @@ class PrivacyPlan:
         truncation_probability=accounting.truncation_probability(
             self.dataset_size, self.sampling_rate, self.capacity, self.steps - self.start,
             self.groups),
+        **(dict(simulation=dict(self.simulation, guarantee=None, warning=SIMULATION_WARNING))
+           if self.simulation else {}),
     )
 
 
@@ -199,8 +217,49 @@ def _split_noise_multiplier(effective: float, ratio: float) -> float:
   return sigma
 
 
+def tan_batch_size(config) -> int:
+  """`config.tan.batch_size`: B' of a TAN simulation, or 0 (the default) for a real run."""
+  b = config_lib.get_field(config, "tan.batch_size", 0) or 0
+  config_lib.check(isinstance(b, int) and not isinstance(b, bool) and b >= 0,
+                   f"config.tan.batch_size must be a non-negative integer, got {b!r}.")
+  return b
+
+
+def simulate(reference: PrivacyPlan, config, batch: int) -> PrivacyPlan:
+  """The TAN simulation (Sander et al., 2023) of the `reference` run at expected batch B' =
+  `batch`: the same steps, sigma' = sigma * B' / B, so the noise on the averaged gradient,
+  sigma * C / B, is the reference's; the learning rate stays the reference's (the config's).
+
+  It claims nothing: `epsilon` is inf and the ledger records it as a simulation
+  (`SIMULATION_WARNING`).
+  """
+  check = config_lib.check
+  check(reference.enabled, "config.tan simulates a private run: config.privacy.enabled must "
+        "be True.")
+  check(batch < reference.expected_batch_size, f"config.tan.batch_size={batch} must be "
+        f"smaller than the reference run's config.batch.expected_size="
+        f"{reference.expected_batch_size}.")
+  check(not reference.loss_estimate, "config.tan cannot run with "
+        "config.privacy.loss_estimate.enabled=True: a simulation releases nothing to estimate.")
+  mechanism = mechanism_lib.build_mechanism(config, batch)
+  n, steps = reference.dataset_size, reference.steps
+  capacity = accounting.min_capacity(n, batch / n, steps, 1e-6, mechanism.groups)
+  num_micro, micro = mechanism.layout(capacity, reference.microbatch_size)
+  sigma = reference.noise_multiplier * batch / reference.expected_batch_size
+  simulation = dict(reference_batch_size=reference.expected_batch_size,
+                    reference_noise_multiplier=reference.noise_multiplier,
+                    reference_epsilon=accounting.finite_or_none(
+                        reference.epsilon(reference.steps)),
+                    reference_accountant=reference.accountant)
+  return dataclasses.replace(
+      reference, expected_batch_size=batch, noise_multiplier=sigma, target_epsilon=None,
+      microbatch_size=micro, num_microbatches=num_micro, mechanism=mechanism,
+      sensitivity=mechanism.sensitivity(reference.clip_norm, num_micro * micro),
+      simulation=simulation)
+
+
 def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) -> PrivacyPlan:
-  """Checks the config and makes the plan.
+  """Checks the config and makes the plan (a TAN simulation's with `config.tan.batch_size`).
 
   Args:
     config: the run's config (`data.size`, `steps`, `batch.*`, `privacy.*`).
@@ -227,6 +286,8 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
         f"config.batch.microbatch_size must be a positive integer, got {micro!r}.")
 
   enabled = bool(field("privacy.enabled"))
+  check(enabled or not tan_batch_size(config), "config.tan simulates a private run: "
+        "config.privacy.enabled must be True.")
   accountant = field("privacy.accountant")
   accounting.ACCOUNTANTS.lookup(accountant)  # an unknown name fails here, listing the choices
   clip_norm = float(field("privacy.clip_norm"))
@@ -297,12 +358,16 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
       loss_bound=None if estimate is None else estimate[0],
       loss_noise_multiplier=None if ratio is None else ratio * sigma)
 
+  simulated = tan_batch_size(config)
   if target is not None:
     # The exact (truncated) accounting decides how many steps fit in the budget. When sigma was
     # calibrated this is all of them, unless truncation cost more than calibration allowed for.
-    steps_ok = accounting.max_steps_within(accountant, done, plan.segment(steps - start),
-                                           target_epsilon=target, delta=delta)
+    steps_ok = accounting.max_steps_within(
+        accountant, () if simulated else done, plan.segment(steps - (0 if simulated else start)),
+        target_epsilon=target, delta=delta)
     check(steps_ok > 0, f"config.privacy.target_epsilon={target} is unreachable: the next "
           "step at this noise multiplier would already spend more.")
-    plan = dataclasses.replace(plan, steps=start + steps_ok)
+    plan = dataclasses.replace(plan, steps=(0 if simulated else start) + steps_ok)
+  if simulated:
+    plan = simulate(plan, config, simulated)
   return dataclasses.replace(plan, done=tuple(done), start=start)

@@ -89,7 +89,8 @@ def load_warm_start(workdir: str, abstract_params, data_cfg):
     stage1 = dict(path=_absolute_one(workdir), steps=ledger.get("steps_done"),
                   private=bool(ledger.get("private")), data=recorded("data"))
     this_data = data_provenance(data_cfg)
-    _check(stage1, this_data, where + " ", ledger.get("epsilon_spent"),
+    _check(dict(stage1, simulation=bool(ledger.get("simulation"))), this_data, where + " ",
+           ledger.get("epsilon_spent"),
            max(ledger.get("steps_done") or 0, ledger.get("steps_accounted") or 0))
     parent = recorded("init_from")
     chain = [] if not parent else [
@@ -116,7 +117,11 @@ def _check(link: dict, this_data: dict, subject: str, epsilon=None, dp_steps=Non
   `dp_steps`: the steps its ledger accounts, if more than `link["steps"]`."""
   data = link.get("data")
   dp_steps = max(dp_steps or 0, link.get("steps") or 0)
-  if link.get("private") and dp_steps > 0:
+  if link.get("simulation"):
+    reason = ("is a TAN simulation (config.tan): it trained on its data with too little noise "
+              "for any privacy guarantee")
+    fix = "a simulation only predicts a run's utility: warm-start from a real run"
+  elif link.get("private") and dp_steps > 0:
     spent = "" if epsilon is None else f" (epsilon {epsilon})"
     reason = (f"was trained with DP for {dp_steps} steps{spent}, a budget that this run's "
               "fresh ledger would forget")

@@ -137,3 +137,38 @@ def test_the_loss_estimate_is_refused_where_no_unit_loss_bounds_a_record():
                        group_size=25)
   plan = plan_lib.build_plan(config)
   assert plan.groups == 4 and plan.loss_sensitivity == 10.0 * 25
+
+
+def test_a_tan_simulation_matches_the_reference_noise_per_averaged_gradient():
+  reference = plan_lib.build_plan(tiny_config(target_epsilon=4.0))
+  config = tiny_config(target_epsilon=4.0)
+  config.tan = dict(batch_size=25)
+  plan = plan_lib.build_plan(config)
+  assert plan.expected_batch_size == 25 and plan.steps == reference.steps
+  assert plan.noise_multiplier == pytest.approx(reference.noise_multiplier * 25 / 100)
+  # The noise std of the averaged gradient, sigma C / B, is the reference run's.
+  assert plan.noise_std / 25 == pytest.approx(reference.noise_std / 100)
+  assert plan.capacity < reference.capacity and plan.capacity >= 25
+  # It claims nothing, says so, and remembers the run it stands for.
+  assert not plan.guaranteed and plan.epsilon(plan.steps) == math.inf
+  summary = plan.summary()
+  assert summary["epsilon_planned"] is None and summary["epsilon_pld"] is None
+  assert "NO PRIVACY GUARANTEE" in summary["simulation"]["warning"]
+  assert summary["simulation"]["reference_batch_size"] == 100
+  assert summary["simulation"]["reference_epsilon"] == pytest.approx(
+      reference.epsilon(reference.steps))
+  assert plan.fingerprint()["simulation"] == plan.simulation  # a resume must keep it
+  assert "simulation" not in reference.fingerprint()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(tan=dict(batch_size=100)), "smaller than"),
+    (dict(tan=dict(batch_size=-1)), "tan.batch_size"),
+    (dict(tan=dict(batch_size=10), privacy=dict(enabled=False)), "privacy.enabled"),
+    (dict(tan=dict(batch_size=10), privacy=dict(loss_estimate=ESTIMATE)), "loss_estimate"),
+])
+def test_bad_tan_simulations_are_refused(change, fragment):
+  config = tiny_config(noise_multiplier=1.0)
+  config.update(change)
+  with pytest.raises(config_lib.ConfigError, match=fragment):
+    plan_lib.build_plan(config)

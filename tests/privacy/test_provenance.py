@@ -87,6 +87,13 @@ def test_dp_trained_stage1_is_refused(tmp_path):
   _refused(workdir, "trained with DP for 4 steps")
 
 
+def test_a_tan_simulation_never_seeds_a_run(tmp_path):
+  # Even on public data: a simulation is a utility probe, never a model to build on.
+  workdir = _stage1(tmp_path, "stage1", _data("shape_scenes"), private=True, steps=5,
+                    simulation=dict(reference_batch_size=1_000))
+  _refused(workdir, "TAN simulation", "any privacy guarantee", "real run")
+
+
 def test_provenance_kept_in_the_ledger_entry_is_read(tmp_path):
   stage0 = _stage1(tmp_path, "stage0", _data("procedural"), in_ledger=True)
   _, link0 = _load(stage0)
