@@ -84,6 +84,7 @@ def load_warm_start(workdir: str, abstract_params, data_cfg):
     if ckpt.latest_step() is None:
       raise config_lib.ConfigError(f"{where} holds no checkpoint.")
     meta = ckpt.restore_meta()
+    _check_imported(meta, where)
     ledger = meta.get("ledger") or {}
     recorded = lambda key: meta.get(key, ledger.get(key))  # in the meta or in its ledger
     stage1 = dict(path=_absolute_one(workdir), steps=ledger.get("steps_done"),
@@ -110,6 +111,20 @@ def same_model(params, abstract_params) -> bool:
   """Whether `params` have the structure, shapes and dtypes of `abstract_params`."""
   describe = lambda tree: jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
   return describe(params) == describe(abstract_params)
+
+
+def _check_imported(meta: dict, where: str) -> None:
+  """ConfigError for parameters imported from another code base (`dpvl.convert_checkpoint`)
+  unless the import declares them trained without DP on public data (`--public_data`)."""
+  imported = meta.get("imported")
+  if imported is None or isinstance(meta.get("data"), dict):
+    return
+  raise config_lib.ConfigError(
+      f"{where} holds parameters imported from {imported.get('file')} (sha256 "
+      f"{str(imported.get('sha256'))[:16]}...), whose training dpvl cannot check: if it was "
+      "private, this run's fresh ledger would forget its budget; warm-start only from an "
+      "import declared non-private on public data (python -m dpvl.convert_checkpoint "
+      "--public_data=NAME).")
 
 
 def _check(link: dict, this_data: dict, subject: str, epsilon=None, dp_steps=None) -> None:

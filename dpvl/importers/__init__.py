@@ -1,0 +1,1 @@
+"""Importers of published checkpoints from other code bases (PyTorch .pth files)."""
