@@ -29,6 +29,9 @@ def scene_data(size: int, max_objects: int = 1) -> ml_collections.ConfigDict:
   """Generated 32-pixel shape scenes (`dpvl.data.shape_scenes`): N = `size` private records."""
   return ml_collections.ConfigDict(dict(
       source="shape_scenes", size=size, image_size=32, seed=0, max_objects=max_objects,
+      # Input pipeline (docs/data.md): "center" uses the scenes as drawn; "random_resized"
+      # draws a crop of `crop_scale` of the area (and a flip with `flip`) at every step.
+      crop="center", crop_scale=(0.2, 1.0), flip=False, normalization="half",
       public=False,  # True only for public data: then this run may seed a private one
       max_skip_fraction=0.05))  # stop when far more records than this are unusable
 

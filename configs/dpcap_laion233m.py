@@ -21,7 +21,7 @@ from configs import laion
 
 def get_config():
   c = common.run("dpcap", steps=5_708)
-  c.data = laion.laion233m_data()
+  c.data = laion.laion233m_data(papers_augmentation=True)
   c.tokenizer = common.bert_tokenizer(max_len=40)
 
   # DP-Cap's model (`mae_vit_base_patch16_autoregressive_nobias`): ViT-B/16 without qkv biases

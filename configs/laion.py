@@ -6,12 +6,20 @@ import ml_collections
 N = 233_804_767  # the LAION-2B-en subset of DP-Cap and ViP (Sander et al., 2024)
 
 
-def laion233m_data(crop: str = "center") -> ml_collections.ConfigDict:
+def laion233m_data(papers_augmentation: bool = False) -> ml_collections.ConfigDict:
   """The LAION subset converted by `python -m dpvl.data.convert` (img2dataset tar shards ->
-  ArrayRecord); data.size must equal num_records of its index.json. See docs/data.md."""
+  ArrayRecord); data.size must equal num_records of its index.json. See docs/data.md.
+
+  `papers_augmentation`: ViP's and DP-Cap's input pipeline, RandomResizedCrop(224, scale
+  0.2-1, bicubic) + horizontal flip drawn afresh at every step, ImageNet mean/std
+  normalisation; otherwise a centre crop to [-1, 1].
+  """
   return ml_collections.ConfigDict(dict(
       source="array_record", path="gs://YOUR_BUCKET/laion233m-arrayrecord", size=N,
-      image_size=224, crop=crop, seed=0,
+      image_size=224, seed=0,
+      crop="random_resized" if papers_augmentation else "center", crop_scale=(0.2, 1.0),
+      flip=papers_augmentation,
+      normalization="imagenet" if papers_augmentation else "half",
       max_skip_fraction=0.05,  # stop when far more records than this are unusable
       workers=16))  # decoding processes per host
 

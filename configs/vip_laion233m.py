@@ -29,7 +29,7 @@ def get_config(run: str = ""):
   c = common.run("vip_mae", steps=steps)
   # LAION converted to ArrayRecord (`python -m dpvl.data.convert`; docs/data.md): the images
   # are read, the captions are not used by ViP.
-  c.data = laion.laion233m_data(crop="random_resized")
+  c.data = laion.laion233m_data(papers_augmentation=True)
 
   # ViP's model (MAE's layout, `mae_vit_base_dec512d4b`): a learnt class token carried through
   # the decoder; xavier-uniform dense kernels and exact GELU in both.

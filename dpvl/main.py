@@ -5,7 +5,8 @@
       --config.privacy.target_epsilon=4
 
 --mode=train (default) trains, resuming from the workdir's last checkpoint; --mode=account
-prints the privacy plan as one JSON object and touches no data and no device; --mode=eval runs
+prints the privacy plan as one JSON object and touches no data and no device; --mode=config
+prints the resolved config (the file with every override applied) as JSON; --mode=eval runs
 `config.evals` on the workdir's latest checkpoint (or --step) and prints the metrics as JSON;
 --mode=compile compiles the full private step on abstract inputs (no data) for the local
 devices and prints its parameter count and per-device FLOPs and memory as JSON; with
@@ -38,7 +39,8 @@ from dpvl.privacy import plan as plan_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, ledger, metrics).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "eval", "compile", "audit"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "account", "config", "eval", "compile",
+                                             "audit"],
                           "What to do.")
 _AUDIT_KIND = flags.DEFINE_enum("audit_kind", "dirac", ["dirac", "input"],
                                 "--mode=audit: gradient (dirac) or input-space canaries.")
@@ -115,6 +117,9 @@ def main(argv):
   except Exception as e:  # pylint: disable=broad-except  # a missing or broken config file
     _fail(_config_error(e))
   try:
+    if _MODE.value == "config":
+      print(config.to_json_best_effort(indent=2, sort_keys=True))
+      return
     if _MODE.value != "account":  # before anything touches a device
       hosts.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   except ValueError as e:

@@ -2,6 +2,7 @@
 
 import ast
 import importlib
+import json
 import pathlib
 
 import ml_collections
@@ -111,3 +112,48 @@ def test_dpcap_recipe():
   assert c.steps == 5_708 and c.optimizer.schedule_steps == 10_000  # stopped early
   assert c.optimizer.decay == "all" and c.optimizer.warmup_steps == 2_000
   assert c.data.size == 233_804_767
+
+
+# The published recipes, field by field (ViP: Yu et al. 2023 and its official PRETRAIN.md;
+# DP-Cap: Sander et al. 2024 and its official code), as `--mode=config` resolves them.
+PAPERS_AUGMENTATION = {"data.crop": "random_resized", "data.crop_scale": [0.2, 1.0],
+                       "data.flip": True, "data.normalization": "imagenet",
+                       "data.size": 233_804_767, "data.image_size": 224}
+TIMM_LAYOUT = {"dense_init": "xavier_uniform", "gelu": "exact"}
+PUBLISHED = {
+    "vip_laion233m": {
+        **PAPERS_AUGMENTATION, "steps": 6_000, "batch.expected_size": 98_304,
+        "privacy.clip_norm": 0.1, "privacy.delta": 1 / (2 * 233_804_767),
+        "optimizer.learning_rate": 1.5e-5 * 98_304 / 256, "optimizer.warmup_steps": 1_000,
+        "optimizer.schedule": "warmup_min_cosine", "optimizer.decay": "all",
+        "optimizer.weight_decay": 0.005, "model.norm_pix_loss": False,
+        "model.mask_ratio": 0.75, "model.encoder.cls_token": "learn",
+        **{f"model.encoder.{k}": v for k, v in TIMM_LAYOUT.items()},
+        **{f"model.decoder.{k}": v for k, v in TIMM_LAYOUT.items()},
+        "model.decoder.width": 512, "model.decoder.depth": 4, "model.decoder.num_heads": 16},
+    "dpcap_laion233m": {
+        **PAPERS_AUGMENTATION, "steps": 5_708, "batch.expected_size": 1_310_720,
+        "privacy.clip_norm": 1.0, "privacy.target_epsilon": 8.0,
+        "optimizer.learning_rate": 5.12e-4, "optimizer.warmup_steps": 2_000,
+        "optimizer.schedule_steps": 10_000, "optimizer.decay": "all",
+        "optimizer.weight_decay": 0.005, "model.encoder.cls_token": "frozen",
+        "model.encoder.qkv_bias": False, "model.bridge_bias": True,
+        "model.memory_posemb": "sincos2d", "model.decoder.layout": "post_ln",
+        "model.decoder.posemb": "sincos1d", "model.decoder.depth": 6,
+        "tokenizer.type": "wordpiece", "tokenizer.max_len": 40,
+        **{f"model.encoder.{k}": v for k, v in TIMM_LAYOUT.items()},
+        **{f"model.decoder.{k}": v for k, v in TIMM_LAYOUT.items()}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_resolved_paper_configs_hold_the_published_recipes(name, cli):
+  out = cli(f"--config=configs/{name}.py", "--mode=config", env=dict(JAX_PLATFORMS="tpu"))
+  assert out.returncode == 0, out.stderr
+  resolved = json.loads(out.stdout)
+  for dotted, want in PUBLISHED[name].items():
+    value = resolved
+    for key in dotted.split("."):
+      value = value[key]
+    assert value == (pytest.approx(want) if isinstance(want, float) else want), dotted
+  assert resolved["tan"] == {"batch_size": 0}  # a real run unless asked

@@ -111,6 +111,7 @@ def test_images_are_drawn_afresh_per_step_from_the_record_alone():
 
 def test_augmentation_config_errors_are_config_errors():
   import pytest
+
   from dpvl import config as config_lib
   with pytest.raises(config_lib.ConfigError, match="crop_scale"):
     loader.augmentation(dict(crop="random_resized", crop_scale=(0.5, 0.2)), 16)
