@@ -34,7 +34,10 @@ setup(
     extras_require={
         "dev": ["pytest>=8,<10", "ruff==0.17.6"],  # ruff: tests/test_lint.py
         "tensorboard": ["tensorboard>=2.15,<3"],  # the viewer; runs write events without it
-        "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.15,<3"],
+        # importlib-resources: TFDS prepares a dataset with it but declares it for Python < 3.9
+        # only (tensorflow/datasets#11212).
+        "tfds": ["tensorflow-datasets>=4.9,<5", "tensorflow-cpu>=2.15,<3",
+                 "importlib-resources>=5.10,<8"],
         "gpu": ["jax[cuda12]>=0.6,<0.13"],
         # libtpu, pinned by jax[tpu] to the installed jax: TPU runs, and --mode=compile
         # --topology=v5e-256 (the TPU compiler) from any host.

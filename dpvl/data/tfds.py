@@ -1,8 +1,9 @@
 """Labelled TFDS datasets (e.g. `cifar10`, `imagenet2012`) as random-access sources for probes.
 
-TensorFlow Datasets is optional: `pip install tensorflow-datasets tensorflow-cpu`. Nothing is
+TensorFlow Datasets is optional: dpvl's [tfds] extra (`pip install -e ".[tfds]"`). Nothing is
 downloaded during a run: the dataset must be prepared in `data_dir` already, or (for datasets
 with a manual download, like imagenet2012) be preparable from the archives in `manual_dir`.
+Reading a prepared dataset imports no TensorFlow (preparing one may).
 Records: `image` uint8 [S, S, 3] (shorter side to S, centre crop), `label`, `index`.
 """
 
@@ -17,7 +18,8 @@ def _import_tfds():
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise config_lib.ConfigError("data.source='tfds' needs TensorFlow Datasets: pip install "
-                                 "tensorflow-datasets tensorflow-cpu") from None
+                                 "tensorflow-datasets tensorflow-cpu importlib-resources (dpvl's "
+                                 "[tfds] extra)") from None
   return tfds
 
 
