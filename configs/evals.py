@@ -88,8 +88,10 @@ def scene_caption_samples(count: int = 8, every: int = 0, image_size: int = 32,
 
 def _tfds_data(split: str, data_dir: str | None, manual_dir: str | None,
                image_size: int) -> dict:
+  # String fields even when unset, so that --config.evals.<name>.data.data_dir=DIR works.
+  text = lambda value: ml_collections.FieldReference(value, field_type=str)
   return dict(source="tfds", name="imagenet2012", split=split, image_size=image_size,
-              data_dir=data_dir, manual_dir=manual_dir)
+              data_dir=text(data_dir), manual_dir=text(manual_dir))
 
 
 def imagenet_few_shot(blocks: int, data_dir: str | None = None, manual_dir: str | None = None,
@@ -109,6 +111,38 @@ def imagenet_few_shot(blocks: int, data_dir: str | None = None, manual_dir: str 
       shots=shots, seeds=seeds, l2=1e-3, steps=100, train_size=train_size,
       test_size=test_size, data=_tfds_data("train", data_dir, manual_dir, image_size),
       test_data=_tfds_data("validation", data_dir, manual_dir, image_size)))
+
+
+def imagenet_linear_probe(blocks: int, data_dir: str | None = None,
+                          manual_dir: str | None = None, image_size: int = 224,
+                          epochs: int = 90, batch_size: int = 16_384,
+                          base_learning_rate: float = 0.1, warmup_epochs: int = 10,
+                          optimizer: str = "lars", feature_dtype: str = "float16",
+                          feature_cache_dir: str | None = None, crop_fraction: float = 0.875,
+                          every: int = 0) -> ml_collections.ConfigDict:
+  """ImageNet-1k linear probe as MAE, ViP and DP-Cap run it (`streamed_linear_probe`): a
+  non-affine BatchNorm + linear head on frozen features of the whole prepared TFDS
+  `imagenet2012` train split, trained by LARS (momentum 0.9, no weight decay, lr =
+  base_learning_rate * batch_size / 256, `warmup_epochs` then cosine), top-1/top-5 on the
+  validation split. `blocks`: 12 for ViP's pooled last blocks of a ViT-B, 0 for the last layer.
+
+  Records are decoded at image_size / crop_fraction (256 for 224) and centre-cropped to the
+  encoder's size: MAE's evaluation transform. Features go to disk (`feature_cache_dir`, default
+  the system's temporary directory): 1.28M x 768 * max(blocks, 1) x 2 bytes in float16 (23.6
+  GB for 12 blocks), deleted after each evaluation. Nothing is downloaded (see
+  `imagenet_few_shot`). `optimizer="sgd"`: SGD with the same momentum and schedule.
+  """
+  decode = round(image_size / crop_fraction)
+  return ml_collections.ConfigDict(dict(
+      type="streamed_linear_probe", every=every, blocks=blocks, label_key="label",
+      num_classes=1000, epochs=epochs, warmup_epochs=warmup_epochs, batch_size=batch_size,
+      base_learning_rate=base_learning_rate, optimizer=optimizer, momentum=0.9,
+      weight_decay=0.0, bn_eps=1e-6, crop_fraction=crop_fraction, encode_batch=256, workers=16,
+      feature_dtype=feature_dtype, keep_features=False,
+      # A placeholder, not None, so that --config.evals.<name>.feature_cache_dir=DIR works.
+      feature_cache_dir=ml_collections.FieldReference(feature_cache_dir, field_type=str),
+      data=_tfds_data("train", data_dir, manual_dir, decode),
+      test_data=_tfds_data("validation", data_dir, manual_dir, decode)))
 
 
 def imagenet_caption_zero_shot(class_names, templates=("this is a photo of a {}",),
@@ -134,3 +168,13 @@ def caption_order(path: str, every: int = 0,
   Flickr-Order) on a JSON file of items converted as docs/vip_and_evals.md describes."""
   return ml_collections.ConfigDict(dict(type="caption_order", every=every, path=path,
                                         batch_size=batch_size))
+
+
+def imagenet_caption_samples(count: int = 16, every: int = 500, data_dir: str | None = None,
+                             manual_dir: str | None = None,
+                             image_size: int = 224) -> ml_collections.ConfigDict:
+  """Greedy captions of the first `count` ImageNet-1k validation images (DP-Cap only; the
+  records have no caption to compare with), written to WORKDIR/evals/step_<step>.json."""
+  return ml_collections.ConfigDict(dict(
+      type="caption_samples", every=every, count=count,
+      data=_tfds_data("validation", data_dir, manual_dir, image_size)))

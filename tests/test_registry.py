@@ -67,7 +67,7 @@ def test_objective_modules_are_imported_only_when_looked_up():
     (lambda: evaluate.build_evaluators(dict(evals=dict(probe=dict(type="knn"))), None),
      "config.evals.probe.type='knn' is unknown; choose one of ['caption_order', "
      "'caption_samples', 'caption_zero_shot', 'few_shot', 'linear_probe', 'retrieval', "
-     "'zero_shot']."),
+     "'streamed_linear_probe', 'zero_shot']."),
 ])
 def test_an_unknown_name_is_one_config_error_listing_the_choices(lookup, message):
   with pytest.raises(config_lib.ConfigError) as info:

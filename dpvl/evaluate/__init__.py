@@ -25,6 +25,7 @@ from dpvl.config import get_field
 # Builders: (config, name, objective) -> (params -> {metric: value}).
 REGISTRY = registry.Registry("config.evals.<name>.type", {
     "linear_probe": "dpvl.evaluate.linear_probe:build",
+    "streamed_linear_probe": "dpvl.evaluate.streamed_probe:build",
     "zero_shot": "dpvl.evaluate.zero_shot:build",
     "retrieval": "dpvl.evaluate.retrieval:build",
     "few_shot": "dpvl.evaluate.few_shot:build",

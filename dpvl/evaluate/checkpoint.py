@@ -9,6 +9,7 @@ from dpvl import config as config_lib
 from dpvl import evaluate
 from dpvl import metrics as metrics_lib
 from dpvl import objectives
+from dpvl.parallel import hosts
 from dpvl.privacy import provenance
 
 
@@ -45,8 +46,9 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   for evaluator in evaluators:
     row.update(evaluator(params))
   scalars, artifacts = evaluate.split_outputs(row)
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=hosts.is_primary())
   writer.write(scalars)
   writer.close()
-  evaluate.write_artifacts(workdir, step, artifacts)
+  if hosts.is_primary():  # every process of a multi-host eval computes the same row
+    evaluate.write_artifacts(workdir, step, artifacts)
   return row
