@@ -43,6 +43,14 @@ def get_config():
   c.optimizer = common.optimizer(learning_rate=5.12e-4, warmup_steps=2_000,
                                  schedule_steps=10_000, decay="all")
 
-  # The demo's probe: the last 2 blocks, on 32-pixel one-object scenes.
-  c.evals = ml_collections.ConfigDict(dict(probe=evals.scene_probe("label", blocks=2)))
+  # The paper's evaluations on ImageNet-1k, prepared by TFDS (never downloaded; give its
+  # directory: --config.evals.<name>.data.data_dir, and .test_data.data_dir for the probe and
+  # few-shot): the linear probe and few-shot accuracy on the last layer's mean-pooled tokens,
+  # and greedy captions of 16 validation images every 500 steps. The captioner's zero-shot
+  # accuracy needs the 1,000 class names and ARO needs its files: add
+  # evals.imagenet_caption_zero_shot(names) and evals.caption_order(path) (docs/vip_and_evals.md).
+  c.evals = ml_collections.ConfigDict(dict(
+      imagenet_probe=evals.imagenet_linear_probe(blocks=0),
+      imagenet_few_shot=evals.imagenet_few_shot(blocks=0),
+      imagenet_captions=evals.imagenet_caption_samples()))
   return c

@@ -48,9 +48,11 @@ def get_config(run: str = ""):
   c.optimizer = common.optimizer(learning_rate=1.5e-5 * batch / 256, warmup_steps=1_000,
                                  schedule="warmup_min_cosine", decay="all")
 
-  # ViP's probe reads the last 12 blocks, mean-pooled (on 32-pixel one-object scenes).
+  # The paper's evaluations on ImageNet-1k, prepared by TFDS (never downloaded; give its
+  # directory: --config.evals.<name>.data.data_dir and .test_data.data_dir, or manual_dir for
+  # the archives): the linear probe on the last 12 blocks, mean-pooled (MAE's LARS protocol),
+  # and few-shot accuracy. Both run before the first step and after the last.
   c.evals = ml_collections.ConfigDict(dict(
-      probe=evals.scene_probe("position_label", blocks=12, every=500),
-      probe_last=evals.scene_probe("position_label", blocks=0, every=500),
-      probe_shape=evals.scene_probe("label", blocks=12, every=500)))
+      imagenet_probe=evals.imagenet_linear_probe(blocks=12),
+      imagenet_few_shot=evals.imagenet_few_shot(blocks=12)))
   return c

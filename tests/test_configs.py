@@ -120,9 +120,17 @@ PAPERS_AUGMENTATION = {"data.crop": "random_resized", "data.crop_scale": [0.2, 1
                        "data.flip": True, "data.normalization": "imagenet",
                        "data.size": 233_804_767, "data.image_size": 224}
 TIMM_LAYOUT = {"dense_init": "xavier_uniform", "gelu": "exact"}
+IMAGENET_EVALS = {  # MAE's linear-probe protocol and DP-Cap's few-shot shots, on ImageNet-1k
+    "evals.imagenet_probe.type": "streamed_linear_probe",
+    "evals.imagenet_probe.optimizer": "lars", "evals.imagenet_probe.epochs": 90,
+    "evals.imagenet_probe.batch_size": 16_384, "evals.imagenet_probe.data.split": "train",
+    "evals.imagenet_probe.test_data.split": "validation",
+    "evals.imagenet_probe.data.name": "imagenet2012",
+    "evals.imagenet_few_shot.shots": [1, 2, 5, 10]}
 PUBLISHED = {
     "vip_laion233m": {
-        **PAPERS_AUGMENTATION, "steps": 6_000, "batch.expected_size": 98_304,
+        **PAPERS_AUGMENTATION, **IMAGENET_EVALS, "evals.imagenet_probe.blocks": 12,
+        "steps": 6_000, "batch.expected_size": 98_304,
         "privacy.clip_norm": 0.1, "privacy.delta": 1 / (2 * 233_804_767),
         "optimizer.learning_rate": 1.5e-5 * 98_304 / 256, "optimizer.warmup_steps": 1_000,
         "optimizer.schedule": "warmup_min_cosine", "optimizer.decay": "all",
@@ -132,7 +140,9 @@ PUBLISHED = {
         **{f"model.decoder.{k}": v for k, v in TIMM_LAYOUT.items()},
         "model.decoder.width": 512, "model.decoder.depth": 4, "model.decoder.num_heads": 16},
     "dpcap_laion233m": {
-        **PAPERS_AUGMENTATION, "steps": 5_708, "batch.expected_size": 1_310_720,
+        **PAPERS_AUGMENTATION, **IMAGENET_EVALS,
+        "evals.imagenet_captions.type": "caption_samples",
+        "steps": 5_708, "batch.expected_size": 1_310_720,
         "privacy.clip_norm": 1.0, "privacy.target_epsilon": 8.0,
         "optimizer.learning_rate": 5.12e-4, "optimizer.warmup_steps": 2_000,
         "optimizer.schedule_steps": 10_000, "optimizer.decay": "all",
