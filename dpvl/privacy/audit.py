@@ -380,6 +380,7 @@ def _result(config, directory: str, canaries: Canaries, entry: dict,
                                             entry["steps_done"], delta, confidence),
       delta=delta, included=int(canaries.included.sum()), steps=entry["steps_done"],
       private=plan.enabled, noise_multiplier=plan.noise_multiplier,
+      effective_noise_multiplier=plan.effective_noise_multiplier if plan.enabled else 0.0,
       sampling_rate=plan.sampling_rate, claimed_epsilon_at_run_delta=entry.get("epsilon_spent"),
       run_delta=plan.delta, audit_workdir=directory)
   return dict(result, verdict=verdict(result))
