@@ -3,10 +3,11 @@
   python benchmarks/input_pipeline.py [--images=256] [--source_size=512x384] [--size=224]
 
 Generates JPEGs in memory (smooth random images at LAION-like resolution, quality 90), then
-runs dpvl's record path (`records.decode`: caption cleaning, decode, centre or random-resized
-crop; then the fixed normalisation and the byte tokenizer) on one core, and in W worker
-processes (spawned, as `BatchLoader(processes=W)` does). Prints images/second, total and per
-core.
+runs dpvl's record path (`records.decode`: caption cleaning, decode, centre crop or, with
+--crop=random_resized, the whole image drawn afresh by the loader's `transforms.Augmentation`:
+RandomResizedCrop 0.2-1 + flip; then the normalisation and the byte tokenizer) on one core,
+and in W worker processes (spawned, as `BatchLoader(processes=W)` does). Prints images/second,
+total and per core.
 """
 
 import argparse
@@ -44,9 +45,11 @@ _TOKENIZER = tokenizers.ByteTokenizer(64)
 def process(args) -> int:
   """Runs the record path on a list of JPEGs; returns how many were decoded."""
   jpegs, size, crop = args
+  augment = transforms.Augmentation(size) if crop == "random_resized" else None
   for i, data in enumerate(jpegs):
     record = records.decode(dict(jpg=data, txt=b"a photo of a  thing\n"), i, size, crop)
-    transforms.normalize_image(record["image"])
+    image = record["image"] if augment is None else augment(record["image"], i, step=0)
+    transforms.normalize_image(image, "imagenet")
     _TOKENIZER.encode(record["caption"])
   return len(jpegs)
 
