@@ -470,6 +470,14 @@ def _agree_step(stop_requested: bool, skipped: collections.Counter):
   return any(view["stop"] for view in views), total
 
 
+def _holds_import(ckpt: checkpoint_lib.Checkpointer) -> bool:
+  """Whether the oldest checkpoint was written by `dpvl.convert_checkpoint`, not by a run."""
+  try:
+    return "imported" in ckpt.restore_meta(min(ckpt.all_steps()))
+  except Exception:  # pylint: disable=broad-except  # none, or unreadable: newest_intact's
+    return False
+
+
 def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.Checkpointer,
            force_resume: bool, force_restart: bool, stop: stopping.StopRequests, log,
            after_step) -> dict:
@@ -480,6 +488,10 @@ def _train(config, workdir: str, setup: Setup, evaluators, ckpt: checkpoint_lib.
   shardings = shardings_of(abstract)
 
   # --- Plan: the checkpoint and the ledger decide the secrets, the segment and the plan. -----
+  if _holds_import(ckpt):
+    raise config_lib.ConfigError(
+        f"{workdir} holds parameters imported by dpvl.convert_checkpoint, not a run to resume: "
+        "evaluate them with --mode=eval, or train in another workdir.")
   restored = ckpt.newest_intact(abstract, os.path.join(workdir, "unrestorable_checkpoints"), log)
   opening = ledger_lib.open_run(
       config, workdir, plan, None if restored is None else (restored[0], restored[2]),

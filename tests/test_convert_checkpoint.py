@@ -26,6 +26,7 @@ from dpvl import checkpoint as checkpoint_lib
 from dpvl import config as config_lib
 from dpvl import convert_checkpoint
 from dpvl import objectives
+from dpvl import train
 from dpvl.data import transforms
 from dpvl.evaluate import checkpoint as eval_checkpoint
 from dpvl.importers import official
@@ -586,9 +587,14 @@ def test_cli_writes_a_checkpoint_that_eval_reads_and_warm_starts_refuse(tmp_path
   abstract = jax.eval_shape(objectives.build_objective(config).init, jax.random.key(0))
   with pytest.raises(config_lib.ConfigError, match="imported from .*--public_data"):
     provenance.load_warm_start(str(workdir), abstract, config.data)
-  # A second import into the same directory is refused.
+  # A second import into the same directory is refused, and so is training there.
   again = convert()
   assert again.returncode == 2 and "already" in again.stderr
+  config.data.update(source="procedural", size=64)  # data it could read here
+  config.batch.update(expected_size=8, microbatch_size=8)
+  with pytest.raises(config_lib.ConfigError, match="imported by dpvl.convert_checkpoint"):
+    train.run(config, str(workdir), log=lambda *_: None)
+  assert os.listdir(workdir / "checkpoints") == ["0"]  # nothing set aside or written
 
 
 def test_a_public_declaration_is_recorded_and_refused_for_dp_files(tmp_path):
