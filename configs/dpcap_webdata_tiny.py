@@ -17,7 +17,7 @@ def get_config():
   c = dpcap_tiny.get_config()
   c.data.source = "array_record"  # or "webdataset"
   c.data.path = ""                # the converted directory (or the tar shards)
-  c.data.crop = "random_resized"  # seeded by (data.seed, record index)
+  c.data.crop = "random_resized"  # drawn afresh each step, seeded by (data.seed, record, step)
   c.data.workers = 2              # decoding processes beside the training step
   c.data.index_cache = ""         # webdataset only: where to keep the shards' indices
   return c
