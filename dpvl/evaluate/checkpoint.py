@@ -37,7 +37,7 @@ def evaluate_checkpoint(config, workdir: str, step: int | None = None) -> dict:
   if step is None or step not in ckpt.all_steps():
     raise config_lib.ConfigError(f"{workdir} holds no checkpoint"
                                  + ("" if step is None else f" at step {step}") + ".")
-  params = ckpt.restore_state_arrays(step)["params"]
+  params = hosts.whole(ckpt.restore_state_arrays(step)["params"])  # on every process
   ckpt.close()
   if not provenance.same_model(params, jax.eval_shape(objective.init, jax.random.key(0))):
     raise config_lib.ConfigError(f"the checkpoint in {workdir} holds another model than "

@@ -64,6 +64,25 @@ print(json.dumps(specs))
 """
 
 
+# --mode=eval of the 2-process run's checkpoint by the paper-scale probe, its work split over
+# both processes (each extracts half of each split; the head's batches span both).
+_EVAL_CONFIG = """
+import ml_collections
+from config import get_config as training_config
+
+
+def get_config():
+  config = training_config()
+  scenes = lambda seed: dict(source="shape_scenes", size=256, image_size=16, seed=seed,
+                             max_objects=1)
+  config.evals = ml_collections.ConfigDict(dict(probe=dict(
+      type="streamed_linear_probe", blocks=1, data=scenes(7), test_data=scenes(8),
+      label_key="colour_label", num_classes=7, epochs=30, warmup_epochs=2, batch_size=64, base_learning_rate=2.0,
+      optimizer="sgd", encode_batch=32, workers=2, split_over_hosts=True)))
+  return config
+"""
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -86,13 +105,13 @@ def _env(devices: int) -> dict:
 _SHARDED = ("--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.mesh.fsdp_min_size=0")
 
 
-def _two_processes(config: str, workdir: str, stop_after: int | None = None):
-  """Runs the 2-process job (`_SHARDED`); with `stop_after`, SIGTERM to process 1 once process 0
-  has logged that step. Returns [(returncode, stdout, stderr)] per process."""
+def _two_processes(config: str, workdir: str, stop_after: int | None = None, *flags: str):
+  """Runs the 2-process job (`_SHARDED`, and `flags`); with `stop_after`, SIGTERM to process 1
+  once process 0 has logged that step. Returns [(returncode, stdout, stderr)] per process."""
   port = _free_port()
   procs = [subprocess.Popen(
       _command(config, workdir, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-               f"--process_id={i}", *_SHARDED),
+               f"--process_id={i}", *_SHARDED, *flags),
       cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   lines = []
@@ -205,6 +224,19 @@ def test_meshes_and_processes_agree_through_preemption(tmp_path):
   np.testing.assert_allclose([losses[s] for s in expected], list(expected.values()), rtol=1e-4)
   for a, b in zip(_params(two), _params(data8), strict=True):  # fsdp=8 against data=8
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+  # The sharded checkpoint, evaluated by both processes sharing the probe's work.
+  (tmp_path / "eval_config.py").write_text(_EVAL_CONFIG)
+  evaluated = _two_processes(str(tmp_path / "eval_config.py"), two, None, "--mode=eval")
+  for returncode, _, err in evaluated:
+    assert returncode == 0, err[-3000:]
+  row = json.loads(_said(evaluated[0][1]).splitlines()[-1])
+  assert row["standalone"] and row["step"] == STEPS
+  assert row["probe/train_examples"] == row["probe/test_examples"] == 256  # both halves
+  assert row["probe/top1"] > 0.25  # seven colours: chance is 1/7 (one process: 0.40)
+  written = [r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text(
+      ).splitlines()) if r.get("standalone")]
+  assert len(written) == 1  # by the primary process only
 
 
 @pytest.mark.slow
