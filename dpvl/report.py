@@ -73,6 +73,19 @@ class Run:
     spent = _number(self.ledger.get("epsilon_spent", self.ledger.get("epsilon")))
     return math.inf if spent is None else spent
 
+  @property
+  def simulation(self) -> dict | None:
+    """A TAN simulation's reference run (privacy.json's `simulation`); None for a real run."""
+    return self.ledger.get("simulation") or None
+
+  @property
+  def sweep_epsilon(self) -> float | None:
+    """Where the run sits on an epsilon axis: its epsilon spent, or for a TAN simulation the
+    reference run's epsilon (which the simulation itself does not have)."""
+    if self.simulation:
+      return _number(self.simulation.get("reference_epsilon"))
+    return self.epsilon
+
   def final_evals(self, scores_only: bool = True) -> dict[str, tuple[int, float]]:
     """{metric: (step, value)}: each metric's value at the last step it was evaluated; only
     the scores (not `SKIPPED` or `CHANCE`) unless `scores_only` is False."""
@@ -358,11 +371,14 @@ def plot_sweep(runs: list[Run], out: str) -> list[str]:
   paths = []
   for metric in names:
     figure, (ax,) = _figure()
-    points = [(run.epsilon, finals[run.name][metric][1], run.name) for run in runs
-              if metric in finals[run.name] and run.epsilon is not None
-              and math.isfinite(run.epsilon)]
+    points = [(run.sweep_epsilon, finals[run.name][metric][1],
+               run.name + (" (TAN simulation)" if run.simulation else ""))
+              for run in runs if metric in finals[run.name] and run.sweep_epsilon is not None
+              and math.isfinite(run.sweep_epsilon)]
     for epsilon, value, name in sorted(points):
-      ax.plot([epsilon], [value], marker="o", color="tab:blue")
+      simulated = name.endswith("(TAN simulation)")
+      ax.plot([epsilon], [value], marker="x" if simulated else "o",
+              color="tab:orange" if simulated else "tab:blue")
       ax.annotate(name, (epsilon, value), textcoords="offset points", xytext=(4, 4),
                   fontsize="small")
     epsilons = [p[0] for p in points]
@@ -451,6 +467,9 @@ def summary(runs: list[Run], plots: dict[str, list[str]], unusable: list[tuple[s
     ledger = run.ledger
     epsilon = ("non-private" if run.epsilon is None
                else f"{_fmt(run.epsilon)} ({ledger.get('accountant', '?')})")
+    if run.simulation:
+      epsilon = (f"none: TAN simulation of a run at epsilon {_fmt(run.sweep_epsilon)} "
+                 f"(B={run.simulation.get('reference_batch_size')})")
     steps = f"{ledger.get('steps_done')}/{ledger.get('steps')}"
     if ledger.get("configured_steps") not in (None, ledger.get("steps")):
       steps += f" (of {ledger['configured_steps']} configured)"

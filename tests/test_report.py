@@ -2,6 +2,7 @@
 workdirs that are not runs beside good ones, a run in progress, and both row layouts."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -236,6 +237,27 @@ def test_both_row_layouts_replays_and_an_audit(tmp_path):
   assert "probe/skipped: 2 evaluation records could not be read" in summary
   assert "| flat | dpcap, per_example, shape_scenes N=1000, B=32 | 2.5 (pld) | 3 | 1e-05 | 1.5 |" \
       in summary
+
+
+def test_a_tan_simulation_claims_nothing_and_sits_at_its_reference_epsilon(tmp_path):
+  rows = [dict(step=4, epsilon=None, seconds=1.0, private_data_diagnostics=dict(loss=2.0)),
+          dict(step=4, eval_seconds=0.5, **{"probe/top1": 0.5})]
+  real = _hand_written_run(tmp_path / "real", [dict(r, epsilon=2.5) if "seconds" in r else r
+                                                 for r in rows])
+  simulated = _hand_written_run(tmp_path / "tan", rows)
+  ledger = json.loads(open(os.path.join(simulated, "privacy.json")).read())
+  ledger.update(epsilon_spent=None, simulation=dict(reference_batch_size=4096,
+                                                    reference_epsilon=8.0))
+  with open(os.path.join(simulated, "privacy.json"), "w") as f:
+    json.dump(ledger, f)
+  run = report.load_run(simulated)
+  assert run.epsilon == math.inf and run.sweep_epsilon == 8.0
+  out = str(tmp_path / "report")
+  rc, _, warnings = _report(real, simulated, out)
+  assert rc == 0 and not warnings
+  summary = open(os.path.join(out, "summary.md")).read()
+  assert "| none: TAN simulation of a run at epsilon 8 (B=4096) |" in summary
+  _assert_real_png(os.path.join(out, "sweep_probe_top1_vs_epsilon.png"))
 
 
 def test_sample_captions_go_to_the_evals_folder_not_the_metrics(runs):

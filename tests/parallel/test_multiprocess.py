@@ -77,8 +77,9 @@ def get_config():
                              max_objects=1)
   config.evals = ml_collections.ConfigDict(dict(probe=dict(
       type="streamed_linear_probe", blocks=1, data=scenes(7), test_data=scenes(8),
-      label_key="colour_label", num_classes=7, epochs=30, warmup_epochs=2, batch_size=64, base_learning_rate=2.0,
-      optimizer="sgd", encode_batch=32, workers=2, split_over_hosts=True)))
+      label_key="colour_label", num_classes=7, epochs=30, warmup_epochs=2, batch_size=64,
+      base_learning_rate=2.0, optimizer="sgd", encode_batch=32, workers=2,
+      split_over_hosts=True)))
   return config
 """
 
