@@ -37,22 +37,6 @@ from dpvl.data import transforms
 from dpvl.importers import official
 from dpvl.importers import pth
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "dpvl config of the model to fill.",
-                                          lock_config=True)
-_FROM = flags.DEFINE_string("from", None, "The PyTorch checkpoint (.pth, torch.save's zip).")
-_TO = flags.DEFINE_string("to", None, "Workdir to write (its checkpoints/ must not exist).")
-_STATE_KEY = flags.DEFINE_string("state_key", "model", "Entry of the file holding the state "
-                                 "dict (the file itself if it is one).")
-_ENCODER_ONLY = flags.DEFINE_bool(
-    "encoder_only", False, "Import the image encoder only (ViP-Base's file): the other "
-    "parameters keep a fresh initialisation from config.seed, recorded in the meta.")
-_TOLERATE = flags.DEFINE_bool(
-    "tolerate_posemb_drift", False, "Accept decoder or memory position tables that differ from "
-    "dpvl's fixed sin-cos (the encoder and its evaluations stay exact); recorded in the meta.")
-_PUBLIC_DATA = flags.DEFINE_string(
-    "public_data", None, "Declare that the file's model was trained WITHOUT DP on public data "
-    "only (name it, e.g. Shaders21k): the import may then seed a private run's warm start.")
-
 FORMATS = {"vip_mae": "torch zip: ViP / MAE state dict (timm ViT encoder, MAE decoder)",
            "dpcap": "torch zip: DP-Cap captioner state dict"}
 # Layout details of the file's model that dpvl's model has no exact equivalent for.
@@ -152,15 +136,43 @@ def convert(config, source: str, workdir: str, *, state_key: str = "model",
               parameters=int(sum(np.size(x) for x in jax.tree.leaves(imported.params))))
 
 
+def define_flags() -> dict:
+  """The command's flags (defined when it runs, not on import: `dpvl.main` has a --config
+  too)."""
+  return dict(
+      config=config_flags.DEFINE_config_file("config", None, "dpvl config of the model to fill.",
+                                             lock_config=True),
+      source=flags.DEFINE_string("from", None,
+                                 "The PyTorch checkpoint (.pth, torch.save's zip)."),
+      to=flags.DEFINE_string("to", None, "Workdir to write (its checkpoints/ must not exist)."),
+      state_key=flags.DEFINE_string("state_key", "model", "Entry of the file holding the "
+                                    "state dict (the file itself if it is one)."),
+      encoder_only=flags.DEFINE_bool(
+          "encoder_only", False, "Import the image encoder only (ViP-Base's file): the other "
+          "parameters keep a fresh initialisation from config.seed, recorded in the meta."),
+      tolerate=flags.DEFINE_bool(
+          "tolerate_posemb_drift", False, "Accept decoder or memory position tables that "
+          "differ from dpvl's fixed sin-cos (the encoder and its evaluations stay exact); "
+          "recorded in the meta."),
+      public_data=flags.DEFINE_string(
+          "public_data", None, "Declare that the file's model was trained WITHOUT DP on "
+          "public data only (name it, e.g. Shaders21k): the import may then seed a private "
+          "run's warm start."))
+
+
+_FLAGS = {}  # define_flags(), when run as a command
+
+
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   try:
-    options = official.Options(encoder_only=_ENCODER_ONLY.value,
-                               tolerate_posemb_drift=_TOLERATE.value)
-    row = convert(_CONFIG.value, _FROM.value, _TO.value, state_key=_STATE_KEY.value,
-                  options=options, public_data=_PUBLIC_DATA.value)
+    value = {name: flag.value for name, flag in _FLAGS.items()}
+    options = official.Options(encoder_only=value["encoder_only"],
+                               tolerate_posemb_drift=value["tolerate"])
+    row = convert(value["config"], value["source"], value["to"], state_key=value["state_key"],
+                  options=options, public_data=value["public_data"])
   except (config_lib.ConfigError, pth.PthError, official.ImportError_, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -168,5 +180,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _FLAGS.update(define_flags())
   flags.mark_flags_as_required(["config", "from", "to"])
   app.run(main)
