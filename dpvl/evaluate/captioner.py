@@ -65,7 +65,7 @@ def caption_scorer(objective, tokenizer, batch_size: int = 512, desc: str = "cap
     desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
 
   Returns:
-    score(params, images float [N, S, S, 3] normalised, tokens int [N, K, L] (BOS, caption,
+    score(params, uint8 images [N, S, S, 3], tokens int [N, K, L] (BOS, caption,
     EOS, pad; a broadcast view is fine)) -> float32 [N, K]: `dpcap.masked_token_loss` of
     caption k under image n, the loss of training.
   """
@@ -95,7 +95,7 @@ def caption_scorer(objective, tokenizer, batch_size: int = 512, desc: str = "cap
       t = np.full((b, kc, length), pad_id, np.int32)
       t[:len(x), :min(kc, k - j)] = tokens[i:i + b, j:j + kc, :length]
       x = np.concatenate([x, np.zeros((b - len(x), *x.shape[1:]), x.dtype)])
-      got = np.asarray(losses(params, x, t))
+      got = np.asarray(losses(params, objective.normalize(x), t))
       out[i:i + b, j:j + kc] = got[:min(b, n - i), :min(kc, k - j)]
     return out
 
@@ -171,8 +171,8 @@ def _bad(reason: str, detail: str = ""):
   return errors.BadRecord(reason, detail)
 
 
-def _read_item(item, root: epath.Path, image_size: int, normalize):
-  """(normalised image [S, S, 3], captions, label) of one item; BadRecord naming the reason."""
+def _read_item(item, root: epath.Path, image_size: int):
+  """(uint8 image [S, S, 3], captions, label) of one item; BadRecord naming the reason."""
   if not isinstance(item, dict) or not {"image", "captions", "label"} <= set(item):
     raise _bad("bad_item", "an item needs image, captions and label")
   captions, label = item["captions"], item["label"]
@@ -200,12 +200,11 @@ def _read_item(item, root: epath.Path, image_size: int, normalize):
     image = image[max(y, 0):y + h, max(x, 0):x + w]
     if min(image.shape[:2]) < 1:
       raise _bad("bad_box", f"box {box!r} holds no pixel of the image")
-  image = normalize(transforms.resize_center_crop(image, image_size))
+  image = transforms.resize_center_crop(image, image_size)
   return image, captions, int(label)
 
 
-def load_order_items(path: str, image_size: int, desc: str = "items",
-                     normalize=transforms.normalize_image):
+def load_order_items(path: str, image_size: int, desc: str = "items"):
   """The usable items of an ARO-style JSON file, and the number skipped per reason.
 
   Args:
@@ -213,10 +212,9 @@ def load_order_items(path: str, image_size: int, desc: str = "items",
     image_size: S; images are cropped to `box` if given, then resized (shorter side) and
       centre-cropped to S.
     desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
-    normalize: uint8 image -> model input (the objective's `normalize`).
 
   Returns:
-    (float32 normalised images [n, S, S, 3], n lists of captions, int32 labels [n],
+    (uint8 images [n, S, S, 3], n lists of captions, int32 labels [n],
     {reason: items skipped}); reasons: bad_item, bad_captions, bad_label, bad_box,
     missing_image, corrupt_image.
 
@@ -233,7 +231,7 @@ def load_order_items(path: str, image_size: int, desc: str = "items",
   images, captions, labels, skipped = [], [], [], {}
   for item in progress.track(items, desc=desc, unit="item"):
     try:
-      image, texts, label = _read_item(item, path.parent, image_size, normalize)
+      image, texts, label = _read_item(item, path.parent, image_size)
     except errors.BadRecord as e:
       skipped[e.reason] = skipped.get(e.reason, 0) + 1
     else:
@@ -270,8 +268,7 @@ def build_order(config, name: str, objective):
   tokenizer = tokenizers.build_tokenizer(get_field(config, "tokenizer"))
   try:
     images, captions, labels, skipped = load_order_items(str(field("path")),
-                                                         objective.image_size, f"{name}: items",
-                                                         objective.normalize)
+                                                         objective.image_size, f"{name}: items")
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.path: {e}") from None
   width = max(len(c) for c in captions)
@@ -327,8 +324,7 @@ def build_samples(config, name: str, objective):
   try:
     images, references, skipped = load_images(sources.build_source(field("data")),
                                                int(field("count", 8)), objective.image_size,
-                                               _reference, f"{name}: images",
-                                               objective.normalize)
+                                               _reference, f"{name}: images")
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   decode = jax.jit(functools.partial(
@@ -336,7 +332,7 @@ def build_samples(config, name: str, objective):
       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
 
   def evaluate(params):
-    ids = np.asarray(decode(params, images))
+    ids = np.asarray(decode(params, objective.normalize(images)))
     captions = [dict(caption=tokenizer.decode(row), reference=ref)
                 for row, ref in zip(ids, references)]
     return dict(captions=captions, skipped=sum(skipped.values()))

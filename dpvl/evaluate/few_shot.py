@@ -199,8 +199,7 @@ def build(config, name: str, objective):
   label_key, test_data = field("label_key", "label"), field("test_data", None)
   try:
     load = lambda data, count, what: load_labelled(
-        sources.build_source(data), count, objective.image_size, label_key, f"{name}: {what}",
-        objective.normalize)
+        sources.build_source(data), count, objective.image_size, label_key, f"{name}: {what}")
     if test_data is None:
       images, labels, skipped = load(field("data"), n_pool + n_test, "images")
       test_images, test_labels = images[n_pool:], labels[n_pool:]
@@ -225,7 +224,7 @@ def build(config, name: str, objective):
   images, labels = images[kept], labels[kept]
   options = dict(l2=float(field("l2", 1e-3)), steps=int(field("steps", 100)))
   features = chunked(lambda params, x: encoder_features(*objective.encode(params, x), k),
-                     desc=f"{name}: features")
+                     desc=f"{name}: features", prepare=objective.normalize)
 
   def evaluate(params):
     feats = features(params, np.concatenate([images, test_images]))

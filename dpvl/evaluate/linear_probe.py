@@ -125,8 +125,8 @@ def encoder_features(tokens, blocks_out, k: int) -> jax.Array:
 
 
 def load_labelled(source, count: int, image_size: int, label_key: str = "label",
-                  desc: str = "records", normalize=transforms.normalize_image):
-  """The first `count` usable records as (normalised images [n, S, S, 3], labels [n]) and the
+                  desc: str = "records"):
+  """The first `count` usable records as (uint8 images [n, S, S, 3], labels [n]) and the
   number of records skipped per reason; reads further records to replace skipped ones.
 
   Args:
@@ -135,23 +135,23 @@ def load_labelled(source, count: int, image_size: int, label_key: str = "label",
     image_size: S; images are resized (shorter side) and centre-cropped to it.
     label_key: the record's field holding the integer label.
     desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
-    normalize: uint8 image -> model input (the objective's `normalize`).
 
   Returns:
-    (float32 normalised images [n, S, S, 3], int32 labels [n], {reason: records skipped}).
+    (uint8 images [n, S, S, 3], int32 labels [n], {reason: records skipped}).
 
   Raises:
     ValueError: if the source holds fewer than `count` usable records.
   """
   images, labels, skipped = load_images(source, count, image_size,
-                                        lambda record: int(record[label_key]), desc, normalize)
+                                        lambda record: int(record[label_key]), desc)
   return images, np.asarray(labels, np.int32), skipped
 
 
-def load_images(source, count: int, image_size: int, extract, desc: str = "records",
-                normalize=transforms.normalize_image):
-  """The first `count` usable records as (normalised images [n, S, S, 3], [extract(record)],
+def load_images(source, count: int, image_size: int, extract, desc: str = "records"):
+  """The first `count` usable records as (uint8 images [n, S, S, 3], [extract(record)],
   skipped per reason); a record whose image or `extract` fails is skipped and replaced.
+  Images stay uint8 (a quarter of float32's memory): the evaluators normalise them chunk by
+  chunk as the objective does (`chunked(..., prepare=objective.normalize)`).
 
   Args:
     source: a random-access data source (`len` and `[index]`) of records with `image`.
@@ -160,10 +160,9 @@ def load_images(source, count: int, image_size: int, extract, desc: str = "recor
     extract: record -> value kept beside its image. A KeyError, TypeError, ValueError or
       OSError (reading the record, `extract`, or its image) skips the record.
     desc: the progress bar's label (`dpvl.progress`, shown on a terminal only).
-    normalize: uint8 image -> model input (the objective's `normalize`).
 
   Returns:
-    (float32 normalised images [n, S, S, 3], list of n extracted values,
+    (uint8 images [n, S, S, 3], list of n extracted values,
     {reason: records skipped}); a skip's reason is a BadRecord's or the exception's type name.
 
   Raises:
@@ -176,7 +175,8 @@ def load_images(source, count: int, image_size: int, extract, desc: str = "recor
       try:
         record = source[index]
         value = extract(record)
-        image = normalize(transforms.resize_center_crop(record["image"], image_size))
+        image = transforms.resize_center_crop(record["image"], image_size)
+        transforms.normalize_image(image)  # checks it: shape [H, W, 3], dtype uint8
       except (KeyError, TypeError, ValueError, OSError) as e:
         reason = getattr(e, "reason", type(e).__name__)  # a data-layer BadRecord names it
         skipped[reason] = skipped.get(reason, 0) + 1
@@ -191,17 +191,20 @@ def load_images(source, count: int, image_size: int, extract, desc: str = "recor
   return np.stack(images), values, skipped
 
 
-def chunked(fn, chunk: int = 256, desc: str = "features"):
+def chunked(fn, chunk: int = 256, desc: str = "features", prepare=None):
   """Applies jitted `fn(params, x)` to `x` in fixed-size chunks (one compilation): returns
-  apply(params, x) -> concatenated numpy outputs for the rows of x. A progress bar labelled
-  `desc` counts the chunks on a terminal (`dpvl.progress`)."""
+  apply(params, x) -> concatenated numpy outputs for the rows of x. `prepare` (e.g. the
+  objective's `normalize`) maps each chunk on the host first. A progress bar labelled `desc`
+  counts the chunks on a terminal (`dpvl.progress`)."""
   fn = jax.jit(fn)
+  prepare = prepare or (lambda x: x)
 
   def apply(params, x):
     n = len(x)
     x = np.concatenate([x, np.zeros((-n % chunk, *x.shape[1:]), x.dtype)])
     batches = progress.track(range(0, len(x), chunk), desc=desc, unit="batch")
-    return np.concatenate([np.asarray(fn(params, x[i:i + chunk])) for i in batches])[:n]
+    return np.concatenate([np.asarray(fn(params, prepare(x[i:i + chunk])))
+                           for i in batches])[:n]
 
   return apply
 
@@ -242,8 +245,7 @@ def build(config, name: str, objective):
   try:
     source = sources.build_source(field("data"))
     images, labels, skipped = load_labelled(source, n_train + n_test, objective.image_size,
-                                            field("label_key", "label"), f"{name}: images",
-                                            objective.normalize)
+                                            field("label_key", "label"), f"{name}: images")
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   num_classes = int(field("num_classes", 0) or labels.max() + 1)
@@ -253,7 +255,7 @@ def build(config, name: str, objective):
                  learning_rate=float(field("learning_rate", 1e-2)),
                  weight_decay=float(field("weight_decay", 1e-4)))
   features = chunked(lambda params, x: encoder_features(*objective.encode(params, x), k),
-                     desc=f"{name}: features")
+                     desc=f"{name}: features", prepare=objective.normalize)
 
   def evaluate(params):
     feats = features(params, images)

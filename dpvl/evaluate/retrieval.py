@@ -52,8 +52,7 @@ def build(config, name: str, objective):
   try:
     images, captions, skipped = load_images(sources.build_source(field("data")),
                                             int(field("size")), objective.image_size,
-                                            lambda record: record["caption"], f"{name}: images",
-                                            objective.normalize)
+                                            lambda record: record["caption"], f"{name}: images")
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   tokens = np.stack([objective.tokenize(c) for c in captions])

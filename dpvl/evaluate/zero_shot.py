@@ -22,15 +22,17 @@ from dpvl.models.clip import l2_normalize
 
 
 def image_and_text_embedders(objective, name: str):
-  """(images [n, S, S, 3] -> [n, d], tokens [n, L] -> [n, d]) chunked embedders of a
+  """(uint8 images [n, S, S, 3] -> [n, d], tokens [n, L] -> [n, d]) chunked embedders of a
   contrastive objective, each taking the full parameters."""
   if not isinstance(objective, objectives.ContrastiveObjective):
     raise ConfigError(f"config.evals.{name} needs a contrastive objective (dpclip), not "
                       f"{objective.name!r}.")
   dual = objective.dual_encoder
-  embed = lambda fn, key, tower: chunked(lambda params, x: jax.vmap(
-      lambda one: fn(params[tower], {key: one}))(x), desc=f"{name}: {tower} embeddings")
-  return (embed(dual.embed_image, "image", "image"), embed(dual.embed_text, "tokens", "text"))
+  embed = lambda fn, key, tower, prepare=None: chunked(lambda params, x: jax.vmap(
+      lambda one: fn(params[tower], {key: one}))(x), desc=f"{name}: {tower} embeddings",
+      prepare=prepare)
+  return (embed(dual.embed_image, "image", "image", objective.normalize),
+          embed(dual.embed_text, "tokens", "text"))
 
 
 def class_embeddings(text_embeddings: np.ndarray, num_classes: int) -> jax.Array:
@@ -46,8 +48,7 @@ def load_classes(config, name: str, objective, num_classes: int):
   try:
     images, labels, skipped = load_labelled(sources.build_source(field("data")),
                                             int(field("size")), objective.image_size,
-                                            field("label_key", "label"), f"{name}: images",
-                                            objective.normalize)
+                                            field("label_key", "label"), f"{name}: images")
   except ValueError as e:
     raise ConfigError(f"config.evals.{name}.data: {e}") from None
   if labels.min() < 0 or labels.max() >= num_classes:

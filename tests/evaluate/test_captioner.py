@@ -42,11 +42,12 @@ def test_scores_are_the_training_loss_in_padded_chunks(model):
   config, objective, params = model
   tokenizer = tokenizers.build_tokenizer(config.tokenizer)
   scenes = shape_scenes.ShapeScenes(5, image_size=16, seed=3)
-  images = np.stack([transforms.normalize_image(scenes[i]["image"]) for i in range(5)])
+  images = np.stack([scenes[i]["image"] for i in range(5)])  # uint8: normalised by the scorer
   tokens = np.stack([[tokenizer.encode(scenes[(i + j) % 5]["caption"]) for j in range(3)]
                      for i in range(5)])
   loss = lambda image, t: objective.per_example_loss(params, dict(image=image, tokens=t), None)
-  expected = jax.jit(jax.vmap(jax.vmap(loss, (None, 0)), (0, 0)))(images, tokens)
+  expected = jax.jit(jax.vmap(jax.vmap(loss, (None, 0)), (0, 0)))(
+      np.stack([transforms.normalize_image(im) for im in images]), tokens)
   for batch_size in (6, 2):  # 2 images x 3 captions; 1 image x 2 captions (captions split)
     got = captioner.caption_scorer(objective, tokenizer, batch_size)(params, images, tokens)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -79,7 +80,7 @@ def _stub_scorer(loss_of, tokenizer_config):
 
     def score(params, images, tokens):
       del params
-      classes = np.rint((images.mean(axis=(1, 2, 3)) + 1) * 127.5 / 30).astype(int)
+      classes = np.rint(images.mean(axis=(1, 2, 3)) / 30).astype(int)  # uint8, as loaded
       return np.array([[loss_of(c, tokenizer.decode(t)) for t in row]
                        for c, row in zip(classes, tokens)])
 

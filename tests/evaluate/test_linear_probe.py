@@ -125,7 +125,7 @@ def test_probe_resizes_other_image_sizes_and_counts_bad_records():
       return record
 
   images, labels, skipped = linear_probe.load_labelled(Broken(), 30, image_size=32)
-  assert images.shape == (30, 32, 32, 3) and images.dtype == np.float32
+  assert images.shape == (30, 32, 32, 3) and images.dtype == np.uint8  # normalised by chunks
   assert skipped == {"KeyError": 1, "ValueError": 1}
   assert labels[3] == Broken().scenes[4]["label"]  # record 3 was skipped, 4 took its place
   with pytest.raises(ValueError, match="38 usable records, 40 needed"):
