@@ -30,6 +30,7 @@ picks its number of steps to maximise the ceiling's margin over the claimed epsi
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -241,9 +242,11 @@ def _reference_plan(config) -> plan_lib.PrivacyPlan | None:
     return None
 
 
-def _settings(directory: str, kind: str, count: int, steps: int) -> int:
+def _settings(directory: str, kind: str, count: int, steps: int,
+              test_seed: int | None = None) -> int:
   """The canaries' seed: drawn once, kept in `directory`/canaries.json with the settings (a
-  re-run goes on with them; other settings need another workdir)."""
+  re-run goes on with them; other settings need another workdir). With `test_seed`
+  (`config.privacy.seed`, which makes a run reproducible for tests) it is derived from it."""
   path = os.path.join(directory, "canaries.json")
   wanted = dict(kind=kind, count=count, steps=steps)
   if os.path.exists(path):
@@ -255,7 +258,8 @@ def _settings(directory: str, kind: str, count: int, steps: int) -> int:
           "remove it or audit another --workdir.")
     return int(saved["seed"])
   os.makedirs(directory, exist_ok=True)
-  seed = secrets.randbits(63)
+  seed = (secrets.randbits(63) if test_seed is None else int.from_bytes(hashlib.sha256(
+      f"dpvl/audit-canaries/{int(test_seed)}".encode()).digest()[:8], "big") >> 1)
   with open(path, "w") as f:
     json.dump(dict(wanted, seed=seed), f)
   return seed
@@ -337,7 +341,8 @@ def run(config, workdir: str, kind: str = "dirac", count: int | None = None,
   sigma = base_plan.noise_multiplier if base_plan.enabled else None
   config = audit_config(config, steps, sigma)
   directory = os.path.join(workdir, "audit")
-  canaries = Canaries.draw(kind, count, _settings(directory, kind, count, steps))
+  canaries = Canaries.draw(kind, count, _settings(
+      directory, kind, count, steps, config_lib.get_field(config, "privacy.seed", None)))
   clip_norm = float(config_lib.get_field(config, "privacy.clip_norm"))
   log(f"audit: {count} {kind} canaries ({int(canaries.included.sum())} included), "
       f"{steps} steps at sigma {sigma if sigma is not None else 0:.4g} in {directory}")
