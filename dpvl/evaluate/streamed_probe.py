@@ -133,11 +133,11 @@ def combine_moments(counts, means, variances) -> tuple[int, np.ndarray, np.ndarr
   variance_i) (Chan et al.'s pairwise update, in float64); parts with n_i = 0 are ignored.
 
   Args:
-    counts: [p] rows per part.
+    counts: [p] rows per part (or [p, 1], as gathered from one-element arrays).
     means: [p, d] their means.
     variances: [p, d] their biased variances.
   """
-  counts = np.asarray(counts, np.float64)
+  counts = np.asarray(counts, np.float64).reshape(-1)
   means, variances = np.asarray(means, np.float64), np.asarray(variances, np.float64)
   n = counts.sum()
   if n == 0:

@@ -219,6 +219,12 @@ def test_per_host_features_and_sums_equal_one_host(tmp_path):
                                     [p.moments.mean for p in parts],
                                     [p.moments.var for p in parts])
   assert n == 201
+  # As process_allgather stacks the hosts' one-element count arrays: [hosts, 1].
+  gathered = sp.combine_moments(np.stack([[p.moments.count] for p in parts]),
+                                np.stack([p.moments.mean for p in parts]),
+                                np.stack([p.moments.var for p in parts]))
+  assert gathered[0] == n and gathered[1].shape == mean.shape
+  np.testing.assert_allclose(gathered[1], mean)
   np.testing.assert_allclose(mean, np.mean(whole.features, 0, dtype=np.float64), atol=1e-6)
   np.testing.assert_allclose(var, np.var(np.asarray(whole.features, np.float64), 0), atol=1e-6)
   head = dict(w=jnp.asarray(np.random.default_rng(0).normal(size=(DIM, NUM_CLASSES))),

@@ -66,9 +66,9 @@ print(json.dumps(specs))
 
 # --mode=eval of the 2-process run's checkpoint by the paper-scale probe, its work split over
 # both processes (each extracts half of each split; the head's batches span both).
-_EVAL_CONFIG = """
+_EVAL_CONFIG = _CONFIG.replace("def get_config():", "def training_config():") + """
+
 import ml_collections
-from config import get_config as training_config
 
 
 def get_config():
