@@ -371,16 +371,14 @@ def plot_sweep(runs: list[Run], out: str) -> list[str]:
   paths = []
   for metric in names:
     figure, (ax,) = _figure()
-    points = [(run.sweep_epsilon, finals[run.name][metric][1],
-               run.name + (" (TAN simulation)" if run.simulation else ""))
+    points = [(run.sweep_epsilon, finals[run.name][metric][1], run.name, bool(run.simulation))
               for run in runs if metric in finals[run.name] and run.sweep_epsilon is not None
               and math.isfinite(run.sweep_epsilon)]
-    for epsilon, value, name in sorted(points):
-      simulated = name.endswith("(TAN simulation)")
+    for epsilon, value, name, simulated in sorted(points):
       ax.plot([epsilon], [value], marker="x" if simulated else "o",
               color="tab:orange" if simulated else "tab:blue")
-      ax.annotate(name, (epsilon, value), textcoords="offset points", xytext=(4, 4),
-                  fontsize="small")
+      ax.annotate(name + (" (TAN simulation)" if simulated else ""), (epsilon, value),
+                  textcoords="offset points", xytext=(4, 4), fontsize="small")
     epsilons = [p[0] for p in points]
     if len(points) > 1 and min(epsilons) > 0 and max(epsilons) / min(epsilons) > 20:
       ax.set_xscale("log")

@@ -41,6 +41,7 @@ from dpvl.data import sources
 from dpvl.data import tokenizers
 from dpvl.data import transforms
 from dpvl.evaluate.linear_probe import load_images
+from dpvl.evaluate.linear_probe import pad_rows
 from dpvl.evaluate.zero_shot import load_classes
 from dpvl.models.captioner import Captioner
 from dpvl.objectives import dpcap
@@ -94,7 +95,7 @@ def caption_scorer(objective, tokenizer, batch_size: int = 512, desc: str = "cap
       x = images[i:i + b]
       t = np.full((b, kc, length), pad_id, np.int32)
       t[:len(x), :min(kc, k - j)] = tokens[i:i + b, j:j + kc, :length]
-      x = np.concatenate([x, np.zeros((b - len(x), *x.shape[1:]), x.dtype)])
+      x = pad_rows(x, b)
       got = np.asarray(losses(params, objective.normalize(x), t))
       out[i:i + b, j:j + kc] = got[:min(b, n - i), :min(kc, k - j)]
     return out

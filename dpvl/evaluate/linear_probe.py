@@ -191,6 +191,11 @@ def load_images(source, count: int, image_size: int, extract, desc: str = "recor
   return np.stack(images), values, skipped
 
 
+def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+  """`a` [m, ...] followed by zero rows up to [rows, ...] (fixed shapes: one compilation)."""
+  return np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
+
+
 def chunked(fn, chunk: int = 256, desc: str = "features", prepare=None):
   """Applies jitted `fn(params, x)` to `x` in fixed-size chunks (one compilation): returns
   apply(params, x) -> concatenated numpy outputs for the rows of x. `prepare` (e.g. the
@@ -201,7 +206,7 @@ def chunked(fn, chunk: int = 256, desc: str = "features", prepare=None):
 
   def apply(params, x):
     n = len(x)
-    x = np.concatenate([x, np.zeros((-n % chunk, *x.shape[1:]), x.dtype)])
+    x = pad_rows(x, n + -n % chunk)
     batches = progress.track(range(0, len(x), chunk), desc=desc, unit="batch")
     return np.concatenate([np.asarray(fn(params, prepare(x[i:i + chunk])))
                            for i in batches])[:n]

@@ -73,6 +73,7 @@ from dpvl.data import sources
 from dpvl.data import transforms
 from dpvl.evaluate.linear_probe import encoder_features
 from dpvl.evaluate.linear_probe import feature_blocks
+from dpvl.evaluate.linear_probe import pad_rows
 from dpvl.parallel import hosts as hosts_lib
 
 P = jax.sharding.PartitionSpec
@@ -231,11 +232,6 @@ def stream_examples(read, start: int, stop: int, chunk: int,
       kept = [e for e, r in results if r is None]
       images = np.stack([e[0] for e in kept]) if kept else None
       yield images, np.asarray([e[1] for e in kept], np.int32), dict(skipped)
-
-
-def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-  """`a` [m, ...] followed by zero rows up to [rows, ...] (fixed shapes: one compilation)."""
-  return np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
 
 
 class FeatureFile:

@@ -230,12 +230,11 @@ def simulate(reference: PrivacyPlan, config, batch: int) -> PrivacyPlan:
   `batch`: the same steps, sigma' = sigma * B' / B, so the noise on the averaged gradient,
   sigma * C / B, is the reference's; the learning rate stays the reference's (the config's).
 
-  It claims nothing: `epsilon` is inf and the ledger records it as a simulation
+  `reference` is a private plan (`build_plan` refuses a simulation of a non-private one). The
+  simulation claims nothing: `epsilon` is inf and the ledger records it as a simulation
   (`SIMULATION_WARNING`).
   """
   check = config_lib.check
-  check(reference.enabled, "config.tan simulates a private run: config.privacy.enabled must "
-        "be True.")
   check(batch < reference.expected_batch_size, f"config.tan.batch_size={batch} must be "
         f"smaller than the reference run's config.batch.expected_size="
         f"{reference.expected_batch_size}.")
@@ -286,7 +285,8 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
         f"config.batch.microbatch_size must be a positive integer, got {micro!r}.")
 
   enabled = bool(field("privacy.enabled"))
-  check(enabled or not tan_batch_size(config), "config.tan simulates a private run: "
+  simulated = tan_batch_size(config)  # B' of a TAN simulation of this run, or 0
+  check(enabled or not simulated, "config.tan simulates a private run: "
         "config.privacy.enabled must be True.")
   accountant = field("privacy.accountant")
   accounting.ACCOUNTANTS.lookup(accountant)  # an unknown name fails here, listing the choices
@@ -358,16 +358,16 @@ def build_plan(config, done: Sequence[accounting.Segment] = (), start: int = 0) 
       loss_bound=None if estimate is None else estimate[0],
       loss_noise_multiplier=None if ratio is None else ratio * sigma)
 
-  simulated = tan_batch_size(config)
   if target is not None:
     # The exact (truncated) accounting decides how many steps fit in the budget. When sigma was
     # calibrated this is all of them, unless truncation cost more than calibration allowed for.
-    steps_ok = accounting.max_steps_within(
-        accountant, () if simulated else done, plan.segment(steps - (0 if simulated else start)),
-        target_epsilon=target, delta=delta)
+    # A simulation's budget is its reference run's: that whole run, from step 0.
+    spent, first = ((), 0) if simulated else (done, start)
+    steps_ok = accounting.max_steps_within(accountant, spent, plan.segment(steps - first),
+                                           target_epsilon=target, delta=delta)
     check(steps_ok > 0, f"config.privacy.target_epsilon={target} is unreachable: the next "
           "step at this noise multiplier would already spend more.")
-    plan = dataclasses.replace(plan, steps=(0 if simulated else start) + steps_ok)
+    plan = dataclasses.replace(plan, steps=first + steps_ok)
   if simulated:
     plan = simulate(plan, config, simulated)
   return dataclasses.replace(plan, done=tuple(done), start=start)
