@@ -181,6 +181,20 @@ def test_a_tan_simulation_trains_and_says_it_claims_nothing(tmp_path, dpcap_conf
   on_disk = json.loads((tmp_path / "privacy.json").read_text())
   assert "NO PRIVACY GUARANTEE" in on_disk["simulation"]["warning"]
   assert all(r["epsilon"] is None for r in _read_jsonl(tmp_path / "metrics.jsonl"))
+  # Continued as a real run (a forced plan change), the simulation's steps stay accounted, at
+  # their own tiny sigma: the budget they spent is never forgotten.
+  config.tan = dict(batch_size=0)
+  config.steps = 5
+  with pytest.raises(ledger_lib.ResumeError):
+    train.run(config, str(tmp_path), log=lambda *_: None)
+  entry = train.run(config, str(tmp_path), force_resume=True, log=lambda *_: None)
+  simulated, real = ledger_lib.records_of(entry)
+  assert (simulated.segment.steps, simulated.segment.noise_multiplier) == (3, 0.25)
+  assert (real.segment.steps, real.segment.noise_multiplier) == (2, 1.0)
+  assert "simulation" in simulated.plan and "simulation" not in entry
+  assert entry["epsilon_spent"] == pytest.approx(accounting.epsilon(
+      "pld", [simulated.segment, real.segment], entry["delta"]))
+  assert entry["epsilon_spent"] > 10 * accounting.epsilon("pld", [real.segment], entry["delta"])
 
 
 def test_demo_loss_falls(tmp_path, dpcap_config):
